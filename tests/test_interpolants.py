@@ -1,0 +1,36 @@
+"""The time convention (t=0 data, t=1 noise) and replica-independent randomness."""
+import numpy as np
+import tensorflow as tf
+
+from cud_tf import interpolants
+
+
+def test_path_target_and_prediction_are_consistent():
+    x0 = tf.random.normal([4, 3, 3, 1], seed=1)
+    z = tf.random.normal([4, 3, 3, 1], seed=2)
+    t = tf.constant([0.0, 0.25, 0.5, 1.0])
+    xt = interpolants.x_t(x0=x0, z=z, t=t)
+    np.testing.assert_allclose(xt[0], x0[0])
+    np.testing.assert_allclose(xt[3], z[3])
+    u = interpolants.velocity_target(x0=x0, z=z)
+    # The exact velocity predicts the data from any point, and one Euler step of size t lands on x0.
+    np.testing.assert_allclose(interpolants.x0_from_v(x_t=xt, v=u, t=t), x0, atol=1e-6)
+
+
+def test_times_and_step_sizes():
+    r = tf.constant([0.0, 0.5, 1.0])
+    t = interpolants.t_from_uniform(r, eps=1e-3)
+    np.testing.assert_allclose(t, [1e-3, 0.5005, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(interpolants.step_size(r, t, "origin", 16), [1 / 16] * 3)
+    np.testing.assert_allclose(interpolants.step_size(r, t, "uniform", 16), r / 16)
+    np.testing.assert_allclose(interpolants.step_size(r, t, "rule", 16), t / 16)
+
+
+def test_rng_slices_of_the_global_batch_equal_one_device_draws():
+    seed = interpolants.fold_seed(7, 3)
+    whole = interpolants.Rng(seed).normal("z", tf.zeros([6, 2, 2, 1]))
+    parts = [interpolants.Rng(seed, r, 2).normal("z", tf.zeros([3, 2, 2, 1])) for r in range(2)]
+    np.testing.assert_array_equal(tf.concat(parts, 0), whole)
+    a = interpolants.Rng(seed).uniform("t", 6)
+    b = interpolants.Rng(seed).uniform("h", 6)
+    assert not np.allclose(a, b)  # purposes are independent streams

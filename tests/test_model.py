@@ -1,0 +1,76 @@
+"""The one train_step: MirroredStrategy over 2 CPUs equals the default strategy; non-finite updates are skipped."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_unet_config
+from cud_tf.model import DiffusionModel, OptimConfig
+from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
+from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
+
+B = 8
+
+
+def build(strategy, method, order, encoder, catchup_model="train"):
+    cfg = tiny_unet_config(num_heads=order)
+    with strategy.scope():
+        tf.keras.utils.set_random_seed(0)
+        net = VelocityUNet(cfg).build_variables()
+        enc = VelocityUNet(noise_encoder_config(cfg)).build_variables() if encoder else None
+        return DiffusionModel(net, OBJECTIVES[method], ObjectiveConfig(order=order, catchup_model=catchup_model),
+                              OptimConfig(learning_rate=1e-3, grad_clip=1.0), global_batch_size=B, seed=3,
+                              encoder=enc)
+
+
+def run_steps(strategy, model, images, steps):
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(B, np.int32)}).repeat()
+    it = iter(strategy.experimental_distribute_dataset(ds))
+
+    @tf.function
+    def step(it):
+        out = strategy.run(model.train_step, args=(next(it),))
+        return {k: strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
+
+    return [step(it) for _ in range(steps)][-1]
+
+
+@pytest.mark.parametrize("method,order,encoder,catchup", [("rf", 1, False, "train"), ("cud", 2, True, "ema")])
+def test_mirrored_two_cpus_equals_default(mirrored_strategy, method, order, encoder, catchup):
+    images = np.random.RandomState(0).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    single = build(tf.distribute.get_strategy(), method, order, encoder, catchup)
+    mirrored = build(mirrored_strategy, method, order, encoder, catchup)
+    m1 = run_steps(tf.distribute.get_strategy(), single, images, 2)
+    m2 = run_steps(mirrored_strategy, mirrored, images, 2)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    moved = 0.0
+    for a, b, init in zip(single.net.trainable_variables, mirrored.net.trainable_variables,
+                          build(tf.distribute.get_strategy(), method, order, encoder).net.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)  # summation order differs
+        moved = max(moved, float(np.abs(a.numpy() - init.numpy()).max()))
+    assert moved > 1e-4  # the steps did update the weights
+    assert int(single.step.numpy()) == int(mirrored.step.numpy()) == 2
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    model = build(tf.distribute.get_strategy(), "rf", 1, False)
+    before = [v.numpy() for v in model.net.trainable_variables]
+    images = np.full((B, 8, 8, 1), np.nan, np.float32)
+    metrics = run_steps(tf.distribute.get_strategy(), model, images, 1)
+    assert float(metrics["nonfinite"]) == 1.0 and int(model.skipped_updates.numpy()) == 1
+    for a, b in zip(before, model.net.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 0
+
+
+def test_sync_ema_copies_the_optimizer_average_into_ema_net():
+    model = build(tf.distribute.get_strategy(), "cud", 2, True)
+    images = np.random.RandomState(1).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    run_steps(tf.distribute.get_strategy(), model, images, 2)
+    model.sync_ema()
+    averages = model.optimizers_by_group["velocity"]._model_variables_moving_average
+    targets = model._ema_targets
+    assert len(targets) == len(model.net.trainable_variables) > 0
+    for w, avg in zip(targets, averages):
+        np.testing.assert_array_equal(w.numpy(), avg.numpy())
+    x, t = tf.constant(images[:2]), tf.constant([0.9, 0.4])
+    assert float(tf.reduce_max(tf.abs(model.ema_net(x, t, head=1)))) > 1e-3  # a trained head, not the zero init
