@@ -1,0 +1,115 @@
+"""Teacher-based distillation: a trained run loaded into networks, and the model that runs TRACT's phases.
+
+`TractModel` keeps, besides the student, a teacher and a self-teacher network whose weights are swapped in
+place (never new objects), so the compiled train step is traced once for every phase.
+"""
+import dataclasses
+
+import tensorflow as tf
+
+from cud_tf import runs
+from cud_tf.model import DiffusionModel, OptimConfig, ema_variables
+from cud_tf.networks.unet import VelocityUNet
+from cud_tf.objectives import tract
+from cud_tf.objectives.common import Nets
+
+
+def copy_weights(source, target):
+    """Assigns the trainable weights of one network to another of the same architecture."""
+    src, dst = list(source), list(target)
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst)):
+        raise ValueError("cannot copy weights between networks of different architectures")
+    for a, b in zip(src, dst):
+        b.assign(a)
+
+
+def load_teacher(run_dir, strategy, names, **config_overrides):
+    """Networks named `names`, built in `strategy`'s scope, each holding the EMA weights of the run in `run_dir`.
+
+    config_overrides replace fields of the run's UNetConfig that hold no weights (e.g. dropout=0.0).
+    Returns ({name: VelocityUNet}, runs.LoadedRun). Raises runs.RunError for an unusable run directory.
+    """
+    run = runs.load_run(run_dir, weights="ema")
+    cfg = dataclasses.replace(run.config, **config_overrides)
+    with strategy.scope():
+        nets = {name: VelocityUNet(cfg, name=name).build_variables() for name in names}
+    for net in nets.values():
+        copy_weights(run.net.trainable_variables, net.trainable_variables)
+    return nets, run
+
+
+def ema_rate(decay, k):
+    """Bias-corrected EMA rate (1 - mu) / (1 - mu^k) of update k >= 1 (float32 scalar, computed in float64).
+
+    avg_k = avg_{k-1} + rate_k (theta_k - avg_{k-1}) equals sum_i mu^(k-i) (1 - mu) theta_i / (1 - mu^k), the
+    zero-initialised EMA divided by its bias (1 - mu^k) (Kingma & Ba 2015); rate_1 = 1 copies theta_1.
+    """
+    k = tf.cast(k, tf.float64)
+    return tf.cast((1.0 - decay) / (1.0 - tf.pow(tf.constant(decay, tf.float64), k)), tf.float32)
+
+
+class TractModel(DiffusionModel):
+    """The student (`net`, trained), the teacher (frozen within a phase) and the self-teacher, for TRACT.
+
+    After every update: self-teacher <- EMA(mu_S) of the student, inference EMA <- EMA(mu_I) of the student,
+    both bias-corrected over the step count (as the TRACT reference code). The inference EMA lives in the
+    optimizer's EMA slots (whose own momentum is set to 1, so Keras leaves them alone), which is where
+    `sync_ema`, samples, checkpoints and `runs.load_run(weights="ema")` read EMA weights. At the first step of
+    phase p > `self.phase` the teacher's weights become the inference EMA; `phase` is checkpointed, so a
+    resumed run continues in its phase with its teacher.
+    """
+
+    def __init__(self, net: VelocityUNet, teacher: VelocityUNet, self_teacher: VelocityUNet, cfg: tract.TractConfig,
+                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0, nonfinite: str = "skip",
+                 objective=tract.loss, **kw):
+        super().__init__(net, objective, cfg, dataclasses.replace(optim_cfg, ema_decay=1.0), global_batch_size,
+                         seed=seed, nonfinite=nonfinite,
+                         extra_nets={"teacher": teacher, "self_teacher": self_teacher}, **kw)
+        self.teacher, self.self_teacher = teacher, self_teacher
+        # Frozen: the tape does not watch them. Their variable lists are taken before (then they are empty).
+        self.teacher_variables = list(teacher.trainable_variables)
+        self.self_teacher_variables = list(self_teacher.trainable_variables)
+        teacher.trainable = self_teacher.trainable = False
+        self.phase = tf.Variable(0, dtype=tf.int64, trainable=False, name="phase",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @property
+    def nets(self) -> Nets:
+        return Nets(velocity=self.net, teacher=self.teacher, extra={"self_teacher": self.self_teacher})
+
+    @property
+    def inference_ema_variables(self):
+        return ema_variables(self.optimizers_by_group["velocity"])[:len(self.net.trainable_variables)]
+
+    def trackables(self):
+        # The frozen nets' weights as explicit lists: tf.train.Checkpoint does not reach the U-Net's blocks held
+        # in lists of tuples (the student's weights are reached through its optimizer).
+        return dict(super().trackables(), phase=self.phase, teacher_weights=list(self.teacher_variables),
+                    self_teacher_weights=list(self.self_teacher_variables))
+
+    def train_step(self, batch):
+        ctx = tf.distribute.get_replica_context()
+        ctx.merge_call(lambda _: self._begin_phase_if_new())  # mirrored variables: cross-replica assigns
+        metrics = super().train_step(batch)
+        ctx.merge_call(lambda _: self._update_emas())
+        return metrics
+
+    def _begin_phase_if_new(self):
+        """At the first step of a new phase: teacher <- inference EMA, and record the phase."""
+        p = tf.cast(tract.phase_of(self.step, self.objective_cfg), tf.int64)
+
+        def begin():
+            copy_weights(self.inference_ema_variables, self.teacher_variables)
+            self.phase.assign(p)
+
+        tf.cond(p > self.phase, begin, lambda: None)
+
+    def _update_emas(self):
+        """Bias-corrected EMAs of the student after update k = `self.step`: self-teacher and inference EMA."""
+        cfg = self.objective_cfg
+        student = self.net.trainable_variables
+        for decay, averages in ((cfg.self_teacher_decay, self.self_teacher_variables),
+                                (cfg.inference_decay, self.inference_ema_variables)):
+            rate = ema_rate(decay, self.step)
+            for avg, theta in zip(averages, student, strict=True):
+                avg.assign(avg + rate * (theta - avg))

@@ -1,0 +1,139 @@
+"""TRACT and binary time distillation of a trained velocity model: `python -m trainers.tract --flagfile=...`.
+
+Binary time distillation (progressive distillation) is TRACT with S = 2: `--tract_schedule=1024,512,...,1`
+(configs/btd_mnist.cfg). The student starts from the teacher run's EMA weights and takes its architecture;
+the network flags and --ema_decay are not used (the inference EMA decay follows the phase length).
+"""
+import os
+
+from absl import app, flags
+
+from trainers import common
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    common.define_flags()
+    t, d = common._track, flags
+    t(d.DEFINE_string, "tract_teacher_run_dir", None, "Run directory of the teacher (a CUD or RF run of this "
+      "project); its EMA weights are the teacher and the student's initialisation.")
+    t(d.DEFINE_list, "tract_schedule", ["1024", "32", "1"], "Step counts T_0 > T_1 > ... (each a multiple of the "
+      "next); phase p distils T_p teacher steps into T_{p+1}. Binary time distillation: 1024,512,...,2,1.")
+    t(d.DEFINE_integer, "tract_steps_per_phase", None, "Training steps per phase (default: --train_steps split "
+      "equally over the phases). --train_steps below the schedule's end stops early; rerun to continue.",
+      lower_bound=1)
+    t(d.DEFINE_enum, "tract_teacher_solver", "euler", ["euler", "heun"], "The teacher's one step of size 1/T_p.")
+    t(d.DEFINE_enum, "tract_weight", "none", ["none", "truncated_snr"],
+      "Per-example loss weight: none, or TRACT's truncated SNR mapped to velocity space, max(t^2, (1-t)^2).")
+    t(d.DEFINE_float, "tract_self_teacher_decay", 0.5, "EMA decay mu_S of the self-teacher.",
+      lower_bound=0.0, upper_bound=1.0)
+    t(d.DEFINE_float, "tract_ema_residual", 1e-3, "The inference EMA decay is mu_I = residual^(1/steps_per_phase) "
+      "(bias-corrected); it becomes the teacher at each phase boundary.", lower_bound=0.0, upper_bound=1.0)
+
+
+def schedule():
+    """--tract_schedule as a checked tuple of step counts."""
+    from cud_tf.objectives import tract
+    steps = common.int_list(FLAGS.tract_schedule, "tract_schedule")
+    try:
+        tract.check_schedule(steps)
+    except ValueError as e:
+        raise flags.ValidationError(f"--tract_schedule: {e}") from None
+    return steps
+
+
+def tract_config(num_classes):
+    """TractConfig from the flags; resolves --tract_steps_per_phase (written back so flags.txt repeats the run)."""
+    from cud_tf.objectives import tract
+    phases = len(schedule()) - 1
+    if FLAGS.tract_steps_per_phase is None:
+        if FLAGS.train_steps % phases:
+            raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} does not split into {phases} equal "
+                                        "phases; set --tract_steps_per_phase")
+        FLAGS.tract_steps_per_phase = FLAGS.train_steps // phases
+    total = phases * FLAGS.tract_steps_per_phase
+    if FLAGS.train_steps > total:
+        raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} goes past the schedule's end at step "
+                                    f"{total} ({phases} phases of --tract_steps_per_phase="
+                                    f"{FLAGS.tract_steps_per_phase})")
+    return tract.TractConfig(
+        schedule=schedule(), steps_per_phase=FLAGS.tract_steps_per_phase, teacher_solver=FLAGS.tract_teacher_solver,
+        weight=FLAGS.tract_weight, head=FLAGS.sample_head, self_teacher_decay=FLAGS.tract_self_teacher_decay,
+        ema_residual=FLAGS.tract_ema_residual, label_dropout=FLAGS.label_dropout if num_classes else 0.0)
+
+
+def run():
+    """Loads the teacher, builds the TRACT model from the flags and trains; returns the last metrics."""
+    import keras
+    import tensorflow as tf
+
+    from cud_tf import data, distill, solvers, training
+
+    if not FLAGS.run_dir:
+        raise flags.ValidationError("--run_dir is required (where checkpoints, events and samples go)")
+    if not FLAGS.tract_teacher_run_dir:
+        raise flags.ValidationError("--tract_teacher_run_dir is required (a run directory of trainers.cud)")
+    if os.path.abspath(FLAGS.tract_teacher_run_dir) == os.path.abspath(FLAGS.run_dir):
+        raise flags.ValidationError("--run_dir must differ from --tract_teacher_run_dir (the teacher stays intact)")
+    solvers.get_tableau(FLAGS.sample_method)
+    schedule()
+
+    tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    strategy = training.make_strategy(FLAGS.strategy)
+    if FLAGS.global_batch_size % strategy.num_replicas_in_sync:
+        raise flags.ValidationError(f"--global_batch_size={FLAGS.global_batch_size} is not divisible by the "
+                                    f"{strategy.num_replicas_in_sync} replicas")
+    # The student, the teacher and the self-teacher all start from the teacher run's EMA weights. Dropout off,
+    # as in the TRACT reference code (it holds no weights, so the architecture is the teacher's).
+    nets, teacher_run = distill.load_teacher(FLAGS.tract_teacher_run_dir, strategy,
+                                             ("velocity", "teacher", "self_teacher"), dropout=0.0)
+    net_cfg = nets["velocity"].config
+    dcfg = common.data_config()
+    shape = data.image_shape(dcfg)
+    if tuple(shape) != tuple(net_cfg.image_shape):
+        raise flags.ValidationError(f"--dataset={FLAGS.dataset} has images {tuple(shape)} but the teacher was "
+                                    f"trained on {tuple(net_cfg.image_shape)}")
+    if FLAGS.sample_head > net_cfg.num_heads:
+        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the teacher has {net_cfg.num_heads} "
+                                    "head(s)")
+    cfg = tract_config(net_cfg.num_classes)
+    arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
+                tract_steps_per_phase=cfg.steps_per_phase)
+    try:
+        os.makedirs(FLAGS.run_dir, exist_ok=True)
+        training.check_architecture(FLAGS.run_dir, arch)  # before flags.txt: a refused resume overwrites nothing
+        common.write_flags(FLAGS.run_dir)
+    except OSError as e:
+        raise training.TrainingError(f"cannot write the run directory {FLAGS.run_dir}: {e.strerror}; "
+                                     "choose a writable --run_dir") from None
+
+    with strategy.scope():
+        model = distill.TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg,
+                                   common.optim_config(), global_batch_size=FLAGS.global_batch_size,
+                                   seed=FLAGS.seed, nonfinite=FLAGS.nonfinite)
+    steps = " -> ".join(map(str, cfg.schedule))
+    print(f"TRACT: {steps} sampler steps in {cfg.num_phases} phase(s) of {cfg.steps_per_phase} training steps; "
+          f"teacher {teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")
+    return training.train(
+        model, strategy,
+        lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
+        common.loop_config(), arch, shape)
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
+    from cud_tf.data import DataNotPreparedError
+    from cud_tf.runs import RunError
+    from cud_tf.training import TrainingError
+    try:
+        run()
+    except (TrainingError, DataNotPreparedError, RunError, flags.ValidationError, ValueError) as e:
+        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
