@@ -1,5 +1,5 @@
 """Training objectives: pure functions `loss(nets, batch, rng, step, cfg) -> LossOutput`."""
-from cud_tf.objectives import cud, rectified_flow
+from cud_tf.objectives import cud, onestep, rectified_flow, tract
 from cud_tf.objectives.common import LossOutput, Nets, ObjectiveConfig
 
-OBJECTIVES = {"rf": rectified_flow.loss, "cud": cud.loss}
+OBJECTIVES = {"rf": rectified_flow.loss, "cud": cud.loss, "onestep": onestep.loss, "tract": tract.loss}
