@@ -169,3 +169,14 @@ def dump_weights(model, path):
     import numpy as np
     from cud_tf import training
     np.savez(path, *[np.asarray(v.numpy()) for v in training.checkpointed_variables(model)])
+
+
+def run_or_fail(argv, run, *errors):
+    """The body of a trainer's absl `main`: runs `run()` and turns a user-facing error (a bad flag value, or one
+    of `errors`) into one line on stderr and exit status 2. Returns what `run()` returns."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
+    try:
+        return run()
+    except (flags.ValidationError, ValueError, *errors) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -93,14 +93,9 @@ def run():
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
     from cud_tf.data import DataNotPreparedError
     from cud_tf.training import TrainingError
-    try:
-        run()
-    except (TrainingError, DataNotPreparedError, flags.ValidationError, ValueError) as e:
-        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    common.run_or_fail(argv, run, TrainingError, DataNotPreparedError)
 
 
 if __name__ == "__main__":

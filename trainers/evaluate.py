@@ -270,16 +270,10 @@ def plot(result, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
     from cud_tf.data import DataNotPreparedError
     from cud_tf.metrics import ClassifierError
     from cud_tf.runs import RunError
-    try:
-        run()
-    except (RunError, ClassifierError, DataNotPreparedError, FileNotFoundError, flags.ValidationError,
-            ValueError) as e:
-        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    common.run_or_fail(argv, run, RunError, ClassifierError, DataNotPreparedError, FileNotFoundError)
 
 
 if __name__ == "__main__":

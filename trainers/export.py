@@ -46,14 +46,8 @@ def run():
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
     from cud_tf.runs import RunError
-    try:
-        path = run()
-    except (RunError, flags.ValidationError, ValueError, OSError) as e:
-        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(f"exported {path}")
+    print(f"exported {common.run_or_fail(argv, run, RunError, OSError)}")
 
 
 if __name__ == "__main__":

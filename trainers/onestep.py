@@ -196,14 +196,9 @@ def run(log=print):
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
     from cud_tf.runs import RunError
     from cud_tf.training import TrainingError
-    try:
-        run()
-    except (TrainingError, RunError, flags.ValidationError, ValueError) as e:
-        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    common.run_or_fail(argv, run, TrainingError, RunError)
 
 
 if __name__ == "__main__":

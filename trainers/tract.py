@@ -123,15 +123,10 @@ def run():
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
     from cud_tf.data import DataNotPreparedError
     from cud_tf.runs import RunError
     from cud_tf.training import TrainingError
-    try:
-        run()
-    except (TrainingError, DataNotPreparedError, RunError, flags.ValidationError, ValueError) as e:
-        common.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    common.run_or_fail(argv, run, TrainingError, DataNotPreparedError, RunError)
 
 
 if __name__ == "__main__":
