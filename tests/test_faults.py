@@ -90,7 +90,7 @@ def test_sigkill_then_sigterm_resume_bitwise_exact(mnist_data_dir, tmp_path):
 
     ref = checkpoint_values(os.path.join(tmp_path, "reference", "checkpoints", f"ckpt-{n}"))
     got = checkpoint_values(os.path.join(chain, "checkpoints", f"ckpt-{n}"))
-    assert any("seed_states" in name for name in ref)  # the dropout RNG is part of the checkpoint
+    assert any("seed_generator" in name for name in ref)  # the dropout RNG is part of the checkpoint
     assert sorted(ref) == sorted(got) and len(ref) > 20
     for name in ref:
         np.testing.assert_array_equal(ref[name], got[name], err_msg=name)

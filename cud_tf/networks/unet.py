@@ -5,6 +5,7 @@ Distillation (Shao et al. 2023, arXiv 2305.10769): phi(t) = c + t (1 - 2c), and 
 concat[h_dec * 2 phi(t), skip * 2 (1 - phi(t))]; c = 0.5 is a plain U-Net.
 """
 import dataclasses
+import re
 
 import keras
 from keras import layers, ops
@@ -144,7 +145,11 @@ def checkpoint_variables(net):
     tf.train.Checkpoint sees only a Keras 3 layer's direct layer attributes, not layers held in lists, so
     checkpoints hold this dict instead of the network object.
     """
-    return {v.path.split("/", 1)[1]: v for v in net.weights}
+    # `weights` would leave out the RNG states; their SeedGenerator names carry a process-wide counter.
+    items = {re.sub(r"seed_generator_\d+", "seed_generator", v.path.split("/", 1)[1]): v for v in net.variables}
+    if len(items) != len(net.variables):
+        raise ValueError(f"{net.name}: two variables share a path; give its layers unique names")
+    return items
 
 
 def noise_encoder_config(config: UNetConfig) -> UNetConfig:
