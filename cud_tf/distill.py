@@ -7,7 +7,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cud_tf import runs
+from cud_tf import run_dirs
 from cud_tf.model import DiffusionModel, OptimConfig, ema_variables
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import tract
@@ -27,9 +27,9 @@ def load_teacher(run_dir, strategy, names, **config_overrides):
     """Networks named `names`, built in `strategy`'s scope, each holding the EMA weights of the run in `run_dir`.
 
     config_overrides replace fields of the run's UNetConfig that hold no weights (e.g. dropout=0.0).
-    Returns ({name: VelocityUNet}, runs.LoadedRun). Raises runs.RunError for an unusable run directory.
+    Returns ({name: VelocityUNet}, run_dirs.LoadedRun). Raises run_dirs.RunError for an unusable run directory.
     """
-    run = runs.load_run(run_dir, weights="ema")
+    run = run_dirs.load_run(run_dir, weights="ema")
     cfg = dataclasses.replace(run.config, **config_overrides)
     with strategy.scope():
         nets = {name: VelocityUNet(cfg, name=name).build_variables() for name in names}
@@ -54,7 +54,7 @@ class TractModel(DiffusionModel):
     After every update: self-teacher <- EMA(mu_S) of the student, inference EMA <- EMA(mu_I) of the student,
     both bias-corrected over the step count (as the TRACT reference code). The inference EMA lives in the
     optimizer's EMA slots (whose own momentum is set to 1, so Keras leaves them alone), which is where
-    `sync_ema`, samples, checkpoints and `runs.load_run(weights="ema")` read EMA weights. At the first step of
+    `sync_ema`, samples, checkpoints and `run_dirs.load_run(weights="ema")` read EMA weights. At the first step of
     phase p > `self.phase` the teacher's weights become the inference EMA; `phase` is checkpointed, so a
     resumed run continues in its phase with its teacher.
     """

@@ -265,12 +265,12 @@ def export(net, export_dir, name, cfg: ExportConfig, info=None):
 
 
 def export_run(run_dir, export_dir, name, cfg: ExportConfig, checkpoint=None):
-    """Exports the EMA weights of a training run (`cud_tf.runs.load_run`); returns the version's path."""
-    from cud_tf import runs
+    """Exports the EMA weights of a training run (`cud_tf.run_dirs.load_run`); returns the version's path."""
+    from cud_tf import run_dirs
 
     check_name(name)
-    cfg.validate(runs.read_arch(run_dir)[0])  # before the (slower) restore
-    run = runs.load_run(run_dir, weights="ema", checkpoint=checkpoint)
+    cfg.validate(run_dirs.read_arch(run_dir)[0])  # before the (slower) restore
+    run = run_dirs.load_run(run_dir, weights="ema", checkpoint=checkpoint)
     info = {"run": {"run_dir": os.path.abspath(run_dir), "checkpoint": run.checkpoint, "step": run.step,
                     "weights": "ema", "flags": run.flags}}
     return export(run.net, export_dir, name, cfg, info)

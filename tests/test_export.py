@@ -141,8 +141,8 @@ def loaded(exported):
 
 @pytest.fixture(scope="module")
 def ema_net(run_dir):
-    from cud_tf import runs
-    return runs.load_run(run_dir).net
+    from cud_tf import run_dirs
+    return run_dirs.load_run(run_dir).net
 
 
 def reference(net, z, num_steps, labels=None, guidance_scale=1.0, head=2):
@@ -254,7 +254,7 @@ def test_saved_model_cli_run_generate(commands, ema_net):
 
 
 def test_reload_without_the_project_matches_in_process_sampling(commands, ema_net, run_dir):
-    from cud_tf import export, runs, sampling
+    from cud_tf import export, run_dirs, sampling
     out, result = commands
     result("reload")
     r = np.load(out / "reload.npz")
@@ -264,13 +264,13 @@ def test_reload_without_the_project_matches_in_process_sampling(commands, ema_ne
     np.testing.assert_allclose(r["one"], reference(ema_net, r["z"], 1), atol=1e-3)  # one step: z - v(z, 1)
     t = tf.constant([1.0, 0.5, 0.0])
     np.testing.assert_allclose(r["v"], sampling.velocity_fn(ema_net, 2)(r["z"], t).numpy(), atol=1e-3)
-    train_net = runs.load_run(run_dir, weights="train").net  # the EMA weights were exported, not these
+    train_net = run_dirs.load_run(run_dir, weights="train").net  # the EMA weights were exported, not these
     assert np.abs(r["v"] - sampling.velocity_fn(train_net, 2)(r["z"], t).numpy()).max() > 1e-2
 
 
 def test_second_export_gets_the_next_version_with_conditional_inputs(commands, exported, cond_run_dir):
     """A class-conditional run exported under the same name becomes version 2; version 1 stays as it was."""
-    from cud_tf import export, runs
+    from cud_tf import export, run_dirs
     before = os.stat(os.path.join(exported, "saved_model.pb"))
     _, result = commands
     path = result("export2")[1].split()[-1]
@@ -283,7 +283,7 @@ def test_second_export_gets_the_next_version_with_conditional_inputs(commands, e
     labels, w = tf.constant([0, 2, -1]), tf.constant(2.5)
     out = m.signatures["generate"](seed=tf.constant(SEED, tf.int64), num_images=tf.constant(3),
                                    num_steps=tf.constant(2), labels=labels, guidance_scale=w)
-    net = runs.load_run(cond_run_dir).net
+    net = run_dirs.load_run(cond_run_dir).net
     np.testing.assert_allclose(
         out["images"].numpy(), reference(net, export.noise(SEED, 3, (8, 8, 1)), 2, labels, w, head=1), atol=1e-3)
     _, specs = m.signatures["velocity"].structured_input_signature

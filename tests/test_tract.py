@@ -166,9 +166,9 @@ def test_flagfiles_parse(name):
 
 def checkpoint_values(run_dir, step):
     """(phase, teacher weights, inference EMA weights) of checkpoint ckpt-<step>, in network variable order."""
-    from cud_tf import runs
+    from cud_tf import run_dirs
     path = os.path.join(run_dir, "checkpoints", f"ckpt-{step}")
-    ema = runs.load_run(run_dir, checkpoint=path)  # the optimizer's EMA slots: the inference EMA
+    ema = run_dirs.load_run(run_dir, checkpoint=path)  # the optimizer's EMA slots: the inference EMA
     teacher = VelocityUNet(ema.config, name="teacher").build_variables()
     phase = tf.Variable(-1, dtype=tf.int64)
     tf.train.Checkpoint(teacher_weights=list(teacher.trainable_variables), phase=phase).restore(

@@ -98,8 +98,8 @@ def test_end_to_end_train_resume_sample(mnist_data_dir, tmp_path):
     assert "ckpt-6.index" in os.listdir(os.path.join(run_dir, "checkpoints"))
 
     # The run loads back (EMA weights by default) for evaluation, export and distillation.
-    from cud_tf import runs
-    ema, train = runs.load_run(run_dir), runs.load_run(run_dir, weights="train")
+    from cud_tf import run_dirs
+    ema, train = run_dirs.load_run(run_dir), run_dirs.load_run(run_dir, weights="train")
     assert ema.step == 6 and ema.config.num_heads == 2 and ema.flags["cud_order"] == "2"
     assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in
                zip(ema.net.trainable_variables, train.net.trainable_variables))

@@ -116,7 +116,7 @@ def run(log=print):
     import numpy as np
     import tensorflow as tf
 
-    from cud_tf import data, runs, sampling, solvers, summaries
+    from cud_tf import data, run_dirs, sampling, solvers, summaries
     from cud_tf.metrics import mnist_classifier
 
     if not FLAGS.run_dir:
@@ -126,7 +126,7 @@ def run(log=print):
         raise flags.ValidationError(f"--nfe must list positive integers, got {FLAGS.nfe}")
     scales = _floats(FLAGS.guidance_scale, "guidance_scale")
     solvers.get_tableau(FLAGS.sampler)
-    loaded = runs.load_run(FLAGS.run_dir, weights=FLAGS.weights)
+    loaded = run_dirs.load_run(FLAGS.run_dir, weights=FLAGS.weights)
     net, cfg = loaded.net, loaded.config
     if FLAGS.head > cfg.num_heads:
         raise flags.ValidationError(f"--head={FLAGS.head} but the network of {FLAGS.run_dir} has "
@@ -272,7 +272,7 @@ def plot(result, path):
 def main(argv):
     from cud_tf.data import DataNotPreparedError
     from cud_tf.metrics import ClassifierError
-    from cud_tf.runs import RunError
+    from cud_tf.run_dirs import RunError
     common.run_or_fail(argv, run, RunError, ClassifierError, DataNotPreparedError, FileNotFoundError)
 
 

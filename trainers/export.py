@@ -46,7 +46,7 @@ def run():
 
 
 def main(argv):
-    from cud_tf.runs import RunError
+    from cud_tf.run_dirs import RunError
     print(f"exported {common.run_or_fail(argv, run, RunError, OSError)}")
 
 

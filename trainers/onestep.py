@@ -122,7 +122,7 @@ def run(log=print):
     import keras
     import tensorflow as tf
 
-    from cud_tf import runs, training
+    from cud_tf import run_dirs, training
     from cud_tf.model import DiffusionModel
     from cud_tf.networks.unet import VelocityUNet
     from cud_tf.objectives import OBJECTIVES
@@ -137,7 +137,7 @@ def run(log=print):
         raise flags.ValidationError(
             f"--onestep_stages={FLAGS.onestep_stages} must lie in 1..{FLAGS.onestep_grid_steps}")
     bounds = stage_bounds(FLAGS.train_steps, len(stages))
-    init = runs.load_run(FLAGS.init_run_dir)  # EMA weights
+    init = run_dirs.load_run(FLAGS.init_run_dir)  # EMA weights
     cfg = init.config
     if FLAGS.onestep_head > cfg.num_heads:
         raise flags.ValidationError(f"--onestep_head={FLAGS.onestep_head} but {FLAGS.init_run_dir} has "
@@ -196,7 +196,7 @@ def run(log=print):
 
 
 def main(argv):
-    from cud_tf.runs import RunError
+    from cud_tf.run_dirs import RunError
     from cud_tf.training import TrainingError
     common.run_or_fail(argv, run, TrainingError, RunError)
 

@@ -124,7 +124,7 @@ def run():
 
 def main(argv):
     from cud_tf.data import DataNotPreparedError
-    from cud_tf.runs import RunError
+    from cud_tf.run_dirs import RunError
     from cud_tf.training import TrainingError
     common.run_or_fail(argv, run, TrainingError, DataNotPreparedError, RunError)
 
