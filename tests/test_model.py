@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_unet_config
+from cud_tf import interpolants
 from cud_tf.model import DiffusionModel, OptimConfig
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
 from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
@@ -74,3 +75,38 @@ def test_sync_ema_copies_the_optimizer_average_into_ema_net():
         np.testing.assert_array_equal(w.numpy(), avg.numpy())
     x, t = tf.constant(images[:2]), tf.constant([0.9, 0.4])
     assert float(tf.reduce_max(tf.abs(model.ema_net(x, t, head=1)))) > 1e-3  # a trained head, not the zero init
+
+
+
+class HashRng(interpolants.Rng):
+    """Deterministic stand-in draws from integer arithmetic, the same in XLA and TF kernels (their stateless
+    Philox kernels differ, so --jit_compile runs draw other, equally reproducible, noise)."""
+
+    def _hash(self, purpose, shape):
+        i = tf.reshape(tf.range(tf.reduce_prod(shape), dtype=tf.int64), shape)
+        key = tf.cast(interpolants.fold_seed(self.seed, purpose)[0], tf.int64)
+        return (tf.cast(tf.math.floormod(i * 2654435761 + key, 2 ** 24), tf.float32) + 0.5) / 2.0 ** 24
+
+    def uniform(self, purpose, batch_size, inner_shape=()):
+        return self._hash(purpose, tf.concat([[batch_size], tf.constant(inner_shape, tf.int32)], 0))
+
+    def normal(self, purpose, like):
+        return tf.sqrt(2.0) * tf.math.erfinv(2.0 * self._hash(purpose, tf.shape(like)) - 1.0)
+
+
+def test_xla_step_equals_graph_step(monkeypatch):
+    """--jit_compile (the trainers' default) runs the same maths: CUD K=1, whose catch-up slope reuses the
+    prediction pass (no dropout), one step with and without XLA on the same draws."""
+    monkeypatch.setattr(interpolants, "Rng", HashRng)
+    images = np.random.RandomState(2).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    models = []
+    for jit in (False, True):
+        tf.keras.utils.set_random_seed(0)
+        net = VelocityUNet(tiny_unet_config()).build_variables()
+        models.append(DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=1), OptimConfig(learning_rate=1e-3),
+                                     global_batch_size=B, seed=3, jit_compile=jit))
+    m_graph, m_xla = (run_steps(tf.distribute.get_strategy(), m, images, 1) for m in models)
+    np.testing.assert_allclose(float(m_graph["loss"]), float(m_xla["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_graph["kd1"]), float(m_xla["kd1"]), rtol=1e-3, atol=1e-9)
+    for a, b in zip(models[0].net.trainable_variables, models[1].net.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)

@@ -59,6 +59,24 @@ def test_catchup_targets_equal_hand_computation(k):
         assert all(np.allclose(tf.reshape(g, [5, 3])[4], u[4]) for g in got)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_known_first_stage_saves_one_pass_and_changes_nothing(k):
+    calls = []
+
+    def f(x_, t_):
+        calls.append(int(x_.shape[0]))
+        return f_tf(x_, t_)
+
+    x, t, h = tf.random.normal([3, 2, 2, 1], seed=7), tf.constant([0.9, 0.6, 0.4]), tf.constant([0.05, 0.1, 0.02])
+    full = cud.catchup_targets(f, x, t, h, k, ORDER_TO_TABLEAU[k], tf.zeros_like(x))
+    passes = list(calls)
+    calls.clear()
+    reused = cud.catchup_targets(f, x, t, h, k, ORDER_TO_TABLEAU[k], tf.zeros_like(x), k1=f_tf(x, t))
+    assert calls == passes[1:] and passes[0] == 3  # the slope's k1 pass of the B examples is the one saved
+    for a, b in zip(full, reused):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_catchup_targets_carry_no_gradient():
     w = tf.Variable(1.5)
     x = tf.random.normal([2, 2, 2, 1], seed=5)

@@ -64,6 +64,7 @@ def test_unknown_dataset_fails_fast(tmp_path):
 
 TINY = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8",
         "--checkpoint_every=3", "--log_every=2", "--sample_nfes=1,2", "--num_sample_images=3", "--noprogress",
+        "--nojit_compile",
         "--strategy=default"]
 
 

@@ -20,6 +20,9 @@ def define_flags():
       "Step size h: origin 1/TN, uniform U(0, 1/TN), rule t/TN.")
     t(d.DEFINE_integer, "cud_grid_steps", 16, "TN, the sampling grid of the catch-up steps.", lower_bound=1)
     t(d.DEFINE_enum, "cud_catchup_model", "train", ["train", "ema"], "Weights that compute the catch-up targets.")
+    t(d.DEFINE_boolean, "cud_reuse_k1", False, "With --cud_catchup_model=train and dropout: take the catch-up "
+      "slope's first stage from the prediction pass (its dropout mask) instead of a separate pass; saves one "
+      "forward pass of the batch. Without dropout the two are identical and the pass is always reused.")
     t(d.DEFINE_float, "cud_w_kd", 1.0, "Weight of the catch-up (distillation) term.", lower_bound=0.0)
     t(d.DEFINE_float, "cud_w_gt", 1.0, "Weight of the ground-truth term.", lower_bound=0.0)
     t(d.DEFINE_boolean, "cud_adaptive_weights", False, "w_kd = 2k/I, w_gt = 2(1 - k/I) over the I iterations.")
@@ -37,6 +40,7 @@ def objective_config(num_classes):
     return ObjectiveConfig(
         order=FLAGS.cud_order if FLAGS.method == "cud" else 1, tableau=FLAGS.cud_tableau,
         step_strategy=FLAGS.cud_step, num_grid_steps=FLAGS.cud_grid_steps, catchup_model=FLAGS.cud_catchup_model,
+        reuse_k1=FLAGS.cud_reuse_k1,
         w_kd=FLAGS.cud_w_kd, w_gt=FLAGS.cud_w_gt, adaptive_weights=FLAGS.cud_adaptive_weights,
         total_steps=FLAGS.train_steps, distance=FLAGS.distance, beta=FLAGS.kl_beta,
         label_dropout=FLAGS.label_dropout if num_classes else 0.0)
@@ -81,7 +85,7 @@ def run():
             FLAGS.noise_encoder) else None
         model = DiffusionModel(net, OBJECTIVES[FLAGS.method], obj_cfg, common.optim_config(),
                                global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed, encoder=encoder,
-                               nonfinite=FLAGS.nonfinite)
+                               nonfinite=FLAGS.nonfinite, jit_compile=FLAGS.jit_compile)
     tf.random.set_seed(None)  # the seed fixed the initial weights; the data stream depends on --seed alone
     metrics = training.train(
         model, strategy,

@@ -51,6 +51,7 @@ def define_flags():
     _define(d.DEFINE_enum, "weights", "ema", ["ema", "train"], "Which weights of the run to evaluate.")
     _define(d.DEFINE_integer, "eval_seed", 0, "Seed of the evaluation noise (the same for every NFE and run).")
     _define(d.DEFINE_integer, "num_grid_images", 10, "Images per row of the sample grids.", lower_bound=1)
+    _define(d.DEFINE_boolean, "jit_compile", True, "Compile the samplers with XLA.")
 
 
 def _floats(values, name):
@@ -173,7 +174,7 @@ def run(log=print):
     for w in scales:
         sig = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)]
 
-        @tf.function(input_signature=sig)
+        @tf.function(input_signature=sig, jit_compile=FLAGS.jit_compile)
         def generate(z, num_steps, y, w=w):
             return sampling.generate(net, z, num_steps, method, head, y if conditional else None, w)
 

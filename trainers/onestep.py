@@ -175,7 +175,8 @@ def run(log=print):
         objective_cfg = OnestepConfig(reg_weight=FLAGS.onestep_reg_weight, head=FLAGS.onestep_head)
         model = DiffusionModel(net, OBJECTIVES["onestep"], objective_cfg, common.optim_config(),
                                global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
-                               nonfinite=FLAGS.nonfinite, extra_nets={"f_ema": f_ema})
+                               nonfinite=FLAGS.nonfinite, extra_nets={"f_ema": f_ema},
+                               jit_compile=FLAGS.jit_compile)
     arch = common.arch_dict(cfg, encoder=False)
     loop = common.loop_config()
     metrics, begin = {}, 0

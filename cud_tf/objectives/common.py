@@ -30,6 +30,7 @@ class ObjectiveConfig:
     step_strategy: str = "uniform"  # origin | uniform | rule
     num_grid_steps: int = 16  # TN
     catchup_model: str = "train"  # train | ema
+    reuse_k1: bool = False  # catch-up slope's k1 = the prediction even with dropout (exact without dropout)
     w_kd: float = 1.0
     w_gt: float = 1.0
     adaptive_weights: bool = False  # w_kd = 2k/I, w_gt = 2(1 - k/I) at iteration k of I = total_steps

@@ -6,15 +6,16 @@ from cud_tf.objectives.common import LossOutput, Nets, ObjectiveConfig, conditio
 from cud_tf.sampling import velocity_fn
 
 
-def catchup_targets(f, x_t, t, h, order, tableau, u, eps=interpolants.EPS):
+def catchup_targets(f, x_t, t, h, order, tableau, u, eps=interpolants.EPS, k1=None):
     """Targets v~_i = f(x_t - i h s, t - i h), i = 1..K, with s the slope of one RK step of `tableau` from
     (x_t, t) with step h; where t - K h < eps every target of that example is u. No gradient flows.
 
-    f: velocity function; x_t, u `[B,H,W,C]`; t, h `[B]` -> list of K tensors `[B,H,W,C]`.
-    The K target points are evaluated in one batched pass of K*B examples.
+    f: velocity function; x_t, u `[B,H,W,C]`; t, h `[B]`; k1: f(x_t, t) when already computed
+    -> list of K tensors `[B,H,W,C]`. The K target points are evaluated in one batched pass of K*B examples.
     """
     x_t, t, h = tf.stop_gradient(x_t), tf.stop_gradient(t), tf.stop_gradient(h)
-    s = solvers.rk_slope(f, x_t, t, h, tableau)
+    k1 = None if k1 is None else tf.stop_gradient(tf.cast(k1, tf.float32))
+    s = solvers.rk_slope(f, x_t, t, h, tableau, k1=k1)
     steps = [float(i) * h for i in range(1, order + 1)]
     xs = tf.concat([x_t - interpolants.bcast(ih, x_t) * s for ih in steps], axis=0)
     ts = tf.concat([t - ih for ih in steps], axis=0)
@@ -44,7 +45,10 @@ def loss(nets: Nets, batch, rng, step, cfg: ObjectiveConfig) -> LossOutput:
     catchup_net = nets.catchup if cfg.catchup_model == "ema" else nets.velocity
     f = velocity_fn(catchup_net, head=1, labels=y, training=True)  # training mode: dropout on, as the reference
     tableau = cfg.tableau or solvers.ORDER_TO_TABLEAU[k_order]
-    targets = catchup_targets(f, p.x_t, p.t, h, k_order, tableau, p.u, cfg.eps)
+    # The slope's first stage f(x_t, t) is the prediction of head g_1 itself when the training weights compute
+    # the targets without dropout (exact), or with dropout under --cud_reuse_k1 (a documented deviation).
+    reuse = cfg.catchup_model == "train" and (cfg.reuse_k1 or nets.velocity.config.dropout == 0.0)
+    targets = catchup_targets(f, p.x_t, p.t, h, k_order, tableau, p.u, cfg.eps, k1=preds[0] if reuse else None)
 
     w_kd, w_gt = loss_weights(step, cfg)
     total = cfg.beta * p.kl if nets.encoder is not None else tf.zeros_like(p.t)
