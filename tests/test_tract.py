@@ -111,6 +111,28 @@ def test_schedule_is_checked():
     assert [int(tract.phase_of(s, cfg)) for s in (0, 4, 5, 14, 15, 99)] == [0, 0, 1, 2, 2, 2]
 
 
+def test_guided_teacher_guides_the_first_phase_only():
+    """A class-conditional teacher sees the student's labels; --tract_teacher_guidance changes phase 0's target
+    and not phase 1's (whose teacher already learnt the guided field)."""
+    from cud_tf import interpolants
+    from cud_tf.objectives import Nets
+    tf.keras.utils.set_random_seed(3)
+    net_cfg = tiny_unet_config(num_classes=3)
+    teacher, student, self_teacher = (VelocityUNet(net_cfg).build_variables() for _ in range(3))
+    for w in teacher.trainable_variables:  # zero-initialised branches would make every label alike
+        w.assign(w + tf.random.normal(w.shape, stddev=0.1, seed=2))
+    nets = Nets(velocity=student, teacher=teacher, extra={"self_teacher": self_teacher})
+    batch = {"image": tf.random.uniform([4, 8, 8, 1], -1, 1, seed=5), "label": tf.constant([0, 1, 2, 1])}
+
+    def loss(guidance, step):
+        cfg = tract.TractConfig(schedule=(4, 2, 1), steps_per_phase=2, teacher_guidance=guidance)
+        rng = interpolants.Rng(interpolants.fold_seed(0, step))
+        return tract.loss(nets, batch, rng, tf.constant(step, tf.int64), cfg).per_example["velocity"].numpy()
+
+    assert not np.allclose(loss(3.0, 0), loss(1.0, 0), rtol=1e-4)
+    np.testing.assert_allclose(loss(3.0, 2), loss(1.0, 2), rtol=1e-5, atol=1e-7)
+
+
 def test_phase_switch_assigns_the_inference_ema_to_the_teacher_without_retracing():
     traces = []
 
@@ -180,6 +202,7 @@ def checkpoint_values(run_dir, step):
 def test_end_to_end_two_phases_resume_mid_phase(mnist_data_dir, tmp_path):
     teacher_dir, run_dir = str(tmp_path / "teacher"), str(tmp_path / "tract")
     tiny = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8", "--noprogress",
+            "--nojit_compile",
             "--strategy=default", "--sample_nfes=1,2", "--num_sample_images=3", f"--data_dir={mnist_data_dir}"]
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()

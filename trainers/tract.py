@@ -26,6 +26,8 @@ def define_flags():
     t(d.DEFINE_enum, "tract_teacher_solver", "euler", ["euler", "heun"], "The teacher's one step of size 1/T_p.")
     t(d.DEFINE_enum, "tract_weight", "none", ["none", "truncated_snr"],
       "Per-example loss weight: none, or TRACT's truncated SNR mapped to velocity space, max(t^2, (1-t)^2).")
+    t(d.DEFINE_float, "tract_teacher_guidance", 1.0, "Classifier-free guidance scale w of a class-conditional "
+      "teacher in the first phase (the student learns the guided velocity); 1 = unguided.", lower_bound=0.0)
     t(d.DEFINE_float, "tract_self_teacher_decay", 0.5, "EMA decay mu_S of the self-teacher.",
       lower_bound=0.0, upper_bound=1.0)
     t(d.DEFINE_float, "tract_ema_residual", 1e-3, "The inference EMA decay is mu_I = residual^(1/steps_per_phase) "
@@ -53,6 +55,9 @@ def tract_config(num_classes):
                                         "phases; set --tract_steps_per_phase")
         FLAGS.tract_steps_per_phase = FLAGS.train_steps // phases
     total = phases * FLAGS.tract_steps_per_phase
+    if FLAGS.tract_teacher_guidance != 1.0 and not num_classes:
+        raise flags.ValidationError(f"--tract_teacher_guidance={FLAGS.tract_teacher_guidance} needs a class-"
+                                    "conditional teacher; this teacher is unconditional (leave it at 1)")
     if FLAGS.train_steps > total:
         raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} goes past the schedule's end at step "
                                     f"{total} ({phases} phases of --tract_steps_per_phase="
@@ -60,7 +65,8 @@ def tract_config(num_classes):
     return tract.TractConfig(
         schedule=schedule(), steps_per_phase=FLAGS.tract_steps_per_phase, teacher_solver=FLAGS.tract_teacher_solver,
         weight=FLAGS.tract_weight, head=FLAGS.sample_head, self_teacher_decay=FLAGS.tract_self_teacher_decay,
-        ema_residual=FLAGS.tract_ema_residual, label_dropout=FLAGS.label_dropout if num_classes else 0.0)
+        ema_residual=FLAGS.tract_ema_residual, label_dropout=FLAGS.label_dropout if num_classes else 0.0,
+        teacher_guidance=FLAGS.tract_teacher_guidance)
 
 
 def run():
@@ -112,7 +118,7 @@ def run():
     with strategy.scope():
         model = distill.TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg,
                                    common.optim_config(), global_batch_size=FLAGS.global_batch_size,
-                                   seed=FLAGS.seed, nonfinite=FLAGS.nonfinite)
+                                   seed=FLAGS.seed, nonfinite=FLAGS.nonfinite, jit_compile=FLAGS.jit_compile)
     steps = " -> ".join(map(str, cfg.schedule))
     print(f"TRACT: {steps} sampler steps in {cfg.num_phases} phase(s) of {cfg.steps_per_phase} training steps; "
           f"teacher {teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")

@@ -38,6 +38,7 @@ class TractConfig:
     self_teacher_decay: float = 0.5  # mu_S
     ema_residual: float = 1e-3  # the inference EMA decay is mu_I = ema_residual^(1 / steps_per_phase)
     label_dropout: float = 0.0  # null-label probability for a class-conditional teacher
+    teacher_guidance: float = 1.0  # classifier-free guidance of the original teacher (phase 0); 1 = unguided
     catchup_model: str = "train"  # read by DiffusionModel.train_step; TRACT never uses the catch-up EMA
     distance: str = "mse"
 
@@ -134,7 +135,9 @@ def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     x_t = interpolants.x_t(x0=x0, z=z, t=t)
     y = conditioning(nets, batch, rng, cfg)
 
-    v_teacher = velocity_fn(nets.teacher, cfg.head, y)
+    # A guided teacher guides in phase 0 only: later teachers are students that already learnt the guided field.
+    w = 1.0 if cfg.teacher_guidance == 1.0 else tf.where(p == 0, cfg.teacher_guidance, 1.0)
+    v_teacher = velocity_fn(nets.teacher, cfg.head, y, guidance_scale=w)
     v_self = velocity_fn(nets.extra["self_teacher"], cfg.head, y)
     v_star, _ = target_velocity(v_teacher, v_self, x_t, t, t_mid, t_prime, dt, j == s - 1, cfg.teacher_solver)
 
