@@ -26,12 +26,12 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
     for head in (1, 2):
         v_uncond = net(x, t, null, head=head)
         v_cond = net(x, t, tf.constant([0, 3, 4]), head=head)
-        np.testing.assert_allclose(sampling.velocity_fn(net, head, labels, 0.0)(x, t), v_uncond, atol=1e-6)
-        np.testing.assert_allclose(sampling.velocity_fn(net, head, labels, 1.0)(x, t), v_cond, atol=1e-6)
+        np.testing.assert_allclose(sampling.velocity_fn(net, head, labels, 0.0)(x, t), v_uncond, atol=1e-5)
+        np.testing.assert_allclose(sampling.velocity_fn(net, head, labels, 1.0)(x, t), v_cond, atol=1e-5)
         guided = sampling.velocity_fn(net, head, labels, 2.5)(x, t)
         np.testing.assert_allclose(guided, v_uncond + 2.5 * (v_cond - v_uncond), atol=1e-5)
         assert not np.allclose(guided[:2], v_cond[:2], atol=1e-4)
-        np.testing.assert_allclose(guided[2], v_uncond[2], atol=1e-6)  # a null label stays unguided
+        np.testing.assert_allclose(guided[2], v_uncond[2], atol=1e-5)  # a null label stays unguided
 
 
 def test_conditional_mnist_samples_have_the_requested_class(mnist_data_dir, classifier_dir, tmp_path):
