@@ -178,6 +178,8 @@ def run_or_fail(argv, run, *errors):
     of `errors`) into one line on stderr and exit status 2. Returns what `run()` returns."""
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
+    if os.environ.get("BUILD_WORKSPACE_DIRECTORY"):  # `bazel run`: relative paths mean the workspace's
+        os.chdir(os.environ["BUILD_WORKSPACE_DIRECTORY"])
     try:
         return run()
     except (flags.ValidationError, ValueError, *errors) as e:
