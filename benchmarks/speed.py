@@ -1,0 +1,297 @@
+"""Training and sampling speed on this machine, in one process so that ratios are fair.
+
+    python benchmarks/speed.py --out=runs/speed.json
+    python benchmarks/speed.py --flagfiles=configs/mnist.cfg --methods=rf,cud1+enc --steps=10
+
+For each flagfile's network (default: the quickstart net and the MNIST paper net of ALGORITHMS.md section 2):
+- train-step images/s at --batch_size for rectified flow and CUD K = 1, 2, 3 with and without the noise encoder
+  (median of --steps timed steps after --warmup), each CUD step's time over the RF step's, and the ideal ratio
+  from the network passes it makes (measured costs: one RF step, one forward pass of the batch);
+- FLOPs per step counted from the step's graph (TF profiler) and the achieved GFLOP/s as a fraction of the fp32
+  and bf16 matmul peak measured in the same process;
+- sampling images/s at NFE 1 and 8, batch 1 and --batch_size; fp32 against mixed_bfloat16; the input pipeline
+  alone. Prints JSON and a markdown table.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from trainers import common, cud as cud_trainer  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("flagfiles", ["configs/mnist_quick.cfg", "configs/mnist.cfg"], "Networks to measure.")
+flags.DEFINE_integer("batch_size", 128, "Batch of every train step and of the batched sampler.", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, XLA compilation).", lower_bound=1)
+flags.DEFINE_list("methods", ["rf", "cud1", "cud2", "cud3", "rf+enc", "cud1+enc", "cud2+enc", "cud3+enc"],
+                  "Train steps to time: rf or cudK, '+enc' with the noise encoder.")
+flags.DEFINE_list("graph_methods", ["rf", "cud1"], "Also timed without XLA (the main rows follow --jit_compile).")
+flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Also timed under mixed_bfloat16.")
+flags.DEFINE_string("out", "", "Write the JSON here too.")
+flags.DEFINE_string("profile_dir", "", "Write a TF profiler trace of 3 RF steps of each network here (TensorBoard's "
+                    "Profile tab with tensorboard-plugin-profile).")
+
+MATMUL_N = 2048
+
+
+def median_seconds(fn, steps, warmup):
+    """Median wall seconds of `fn()` (its result fetched) over `steps` calls after `warmup` calls."""
+    import numpy as np
+    for _ in range(warmup):
+        np.asarray(tf_first(fn()))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        np.asarray(tf_first(fn()))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tf_first(result):
+    import tensorflow as tf
+    return tf.nest.flatten(result)[0]
+
+
+def matmul_peak(dtype):
+    """GFLOP/s of a 2048^3 matmul in graph mode (median)."""
+    import tensorflow as tf
+    a = tf.random.normal([MATMUL_N, MATMUL_N], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    fn = tf.function(lambda: tf.reduce_sum(tf.cast(tf.linalg.matmul(a, a), tf.float32)))
+    seconds = median_seconds(fn, 10, 2)
+    return 2 * MATMUL_N ** 3 / seconds / 1e9
+
+
+def graph_flops(concrete):
+    """Floating-point operations of one call of a concrete function, from its graph (TF profiler)."""
+    import tensorflow as tf
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return int(tf.compat.v1.profiler.profile(graph=concrete.graph, options=opts).total_float_ops)
+
+
+def parse_method(name):
+    """'cud2+enc' -> ('cud', 2, True)."""
+    enc = name.endswith("+enc")
+    base = name[:-4] if enc else name
+    if base == "rf":
+        return "rf", 1, enc
+    if base.startswith("cud") and base[3:].isdigit() and 1 <= int(base[3:]) <= 4:
+        return "cud", int(base[3:]), enc
+    raise flags.ValidationError(f"unknown method {name!r}; expected rf or cudK (K = 1..4), optionally with +enc")
+
+
+def build_model(net_cfg, method, order, enc, jit_compile):
+    import dataclasses
+
+    import keras
+    from cud_tf.model import DiffusionModel
+    from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
+    from cud_tf.objectives import OBJECTIVES
+    keras.utils.set_random_seed(0)
+    cfg = dataclasses.replace(net_cfg, num_heads=order)
+    net = VelocityUNet(cfg).build_variables()
+    encoder = VelocityUNet(noise_encoder_config(cfg)).build_variables() if enc else None
+    obj = dataclasses.replace(cud_trainer.objective_config(cfg.num_classes), order=order)
+    return DiffusionModel(net, OBJECTIVES[method], obj, common.optim_config(), global_batch_size=FLAGS.batch_size,
+                          encoder=encoder, jit_compile=jit_compile)
+
+
+def step_flops(net_cfg, name, batch):
+    """FLOPs of one train step of method `name`, counted on its graph (XLA hides the ops of a compiled step)."""
+    import tensorflow as tf
+    method, order, enc = parse_method(name)
+    model = build_model(net_cfg, method, order, enc, jit_compile=False)
+    strategy = tf.distribute.get_strategy()
+    return graph_flops(tf.function(lambda: strategy.run(model.train_step, args=(batch,))).get_concrete_function())
+
+
+def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir=""):
+    """{img_per_s, seconds} of one train step of method `name` (median), and for RF its forward + backward alone."""
+    import tensorflow as tf
+    method, order, enc = parse_method(name)
+    model = build_model(net_cfg, method, order, enc, jit_compile)
+    strategy = tf.distribute.get_strategy()
+    step = tf.function(lambda: strategy.run(model.train_step, args=(batch,)))
+    seconds = median_seconds(step, FLAGS.steps, FLAGS.warmup)
+    out = dict(img_per_s=FLAGS.batch_size / seconds, seconds=seconds)
+    if profile_dir:
+        tf.profiler.experimental.start(profile_dir)
+        for _ in range(3):
+            tf_first(step()).numpy()
+        tf.profiler.experimental.stop()
+    if name == "rf":  # where the time goes: the same objective's forward + backward alone, without the update
+        grads = tf.function(lambda: model._losses_and_grads_fn(batch, tf.constant(0, tf.int64), tf.constant(0), 1))
+        out["forward_backward_seconds"] = median_seconds(grads, FLAGS.steps, FLAGS.warmup)
+    return out
+
+
+def ideal_passes(method, order, enc, dropout, catchup_model):
+    """(training passes with a gradient, forward passes of the batch without one) of a step, from the
+    objective: the prediction (+ the noise encoder), then the catch-up slope's stages and the K target points."""
+    from cud_tf import solvers
+    trained = 1 + (1 if enc else 0)
+    if method == "rf":
+        return trained, 0
+    stages = len(solvers.get_tableau(solvers.ORDER_TO_TABLEAU[order]).needed_stages)
+    reused = 1 if (catchup_model == "train" and dropout == 0.0) else 0
+    return trained, stages - reused + order
+
+
+def sampling_rates(net, image_shape):
+    """{f"nfe{n}_batch{b}": img/s} of the fixed-step Euler sampler (one XLA-compiled function per batch)."""
+    import tensorflow as tf
+    from cud_tf import sampling
+    rates = {}
+    for b in (1, FLAGS.batch_size):
+        z = tf.random.normal([b, *image_shape])
+        fn = tf.function(lambda n: sampling.generate(net, z, n), jit_compile=True)
+        for n in (1, 8):
+            rates[f"nfe{n}_batch{b}"] = b / median_seconds(lambda: fn(tf.constant(n)), FLAGS.steps, 2)
+    return rates
+
+
+def input_pipeline_rate(dcfg):
+    """Images/s of the training input pipeline alone (decode, scale, shuffle, batch)."""
+    from cud_tf import data
+    import tensorflow as tf
+    tf.random.set_seed(None)  # a global seed breaks tf.data shuffles seeded by a tensor (as in the trainer)
+    it = iter(data.make_dataset(dcfg, FLAGS.batch_size, 0))
+    for _ in range(5):
+        next(it)
+    n, t0 = 50, time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n * FLAGS.batch_size / (time.perf_counter() - t0)
+
+
+def measure_network(flagfile, peaks, bench_flags):
+    import keras
+    import tensorflow as tf
+    from cud_tf import data
+    from cud_tf.networks.unet import VelocityUNet
+    FLAGS.unparse_flags()
+    FLAGS([sys.argv[0], f"--flagfile={os.path.join(ROOT, flagfile)}"])
+    for k, v in bench_flags.items():  # the flagfile sets the network; the benchmark keeps its own settings
+        FLAGS[k].value = v
+    dcfg = common.data_config()
+    shape = data.image_shape(dcfg)
+    net_cfg = common.network_config(shape, num_heads=1, num_classes=max(FLAGS.num_classes, 0))
+    rs = tf.random.stateless_uniform([FLAGS.batch_size, *shape], seed=[1, 2], minval=-1, maxval=1)
+    batch = {"image": rs, "label": tf.zeros([FLAGS.batch_size], tf.int32)}
+    params = VelocityUNet(net_cfg).build_variables().count_params()
+    result = dict(flagfile=flagfile, params=params, batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
+                  train={}, train_graph={}, train_bf16={})
+    net = VelocityUNet(net_cfg).build_variables()
+    fwd_graph = tf.function(lambda x: net(x, tf.fill([FLAGS.batch_size], 0.5), training=False, head=1))
+    fwd = tf.function(fwd_graph.python_function, jit_compile=True)
+    t_fwd = median_seconds(lambda: fwd(rs), FLAGS.steps, FLAGS.warmup)
+    result["forward_img_per_s"] = FLAGS.batch_size / t_fwd
+    # FLOPs from the graph for the forward pass and the RF steps; a CUD step adds its forward passes to them.
+    result["forward_flops"] = graph_flops(fwd_graph.get_concrete_function(rs))
+    base_flops = {}
+    for name in FLAGS.methods:
+        profile = os.path.join(FLAGS.profile_dir, os.path.basename(flagfile)) if FLAGS.profile_dir and name == "rf" \
+            else ""
+        method, order, enc = parse_method(name)
+        if ("rf", enc) not in base_flops:
+            base_flops[("rf", enc)] = step_flops(net_cfg, "rf+enc" if enc else "rf", batch)
+        r = time_train_step(net_cfg, name, batch, jit_compile=FLAGS.jit_compile, profile_dir=profile)
+        trained, forward = ideal_passes(method, order, enc, net_cfg.dropout, FLAGS.cud_catchup_model)
+        r["passes"] = dict(trained=trained, forward=forward)
+        r["flops"] = base_flops[("rf", enc)] + forward * result["forward_flops"]
+        r["gflops_per_s"] = r["flops"] / r["seconds"] / 1e9
+        r["fraction_of_fp32_peak"] = r["gflops_per_s"] / peaks["fp32"]
+        result["train"][name] = r
+        print(f"{flagfile} {name}: {r['img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+    rf = result["train"].get("rf")
+    if rf:
+        rf_enc = result["train"].get("rf+enc", rf)
+        for name, r in result["train"].items():
+            _, _, enc = parse_method(name)
+            base = rf_enc if enc else rf
+            r["ratio_to_rf"] = r["seconds"] / rf["seconds"]
+            # Ideal: the RF step (with the encoder's pass when +enc) plus the step's extra forward passes.
+            r["ideal_ratio_to_rf"] = (base["seconds"] + r["passes"]["forward"] * t_fwd) / rf["seconds"]
+        # Of the RF step: the forward pass, the backward pass, and the rest (all-reduce, clipping, AdamW + EMA).
+        fb = rf["forward_backward_seconds"]
+        result["rf_time_split"] = dict(forward=t_fwd / rf["seconds"], backward=(fb - t_fwd) / rf["seconds"],
+                                       update=(rf["seconds"] - fb) / rf["seconds"])
+    for name in FLAGS.graph_methods:
+        result["train_graph"][name] = time_train_step(net_cfg, name, batch, jit_compile=False)
+    if FLAGS.bf16_methods:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            for name in FLAGS.bf16_methods:
+                result["train_bf16"][name] = time_train_step(net_cfg, name, batch, jit_compile=FLAGS.jit_compile)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    result["sampling_img_per_s"] = sampling_rates(net, shape)
+    result["input_pipeline_img_per_s"] = input_pipeline_rate(dcfg)
+    return result
+
+
+def markdown(results, peaks):
+    lines = [f"Matmul peak ({MATMUL_N}^3, graph mode): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
+             "GFLOP/s", ""]
+    for r in results:
+        lines += [f"**{r['flagfile']}** ({r['params']:,} parameters), batch {r['batch_size']}, "
+                  f"{'XLA' if r['jit_compile'] else 'graph mode'}; forward pass (XLA) "
+                  f"{r['forward_img_per_s']:.0f} img/s; input pipeline alone {r['input_pipeline_img_per_s']:.0f} "
+                  "img/s", "",
+                  "| step | img/s | x RF time | ideal x | GFLOP/s | of fp32 peak | graph-mode img/s | bf16 img/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, t in r["train"].items():
+            graph = r["train_graph"].get(name, {}).get("img_per_s")
+            bf16 = r["train_bf16"].get(name, {}).get("img_per_s")
+            lines.append(
+                f"| {name} | {t['img_per_s']:.1f} | {t.get('ratio_to_rf', float('nan')):.2f} | "
+                f"{t.get('ideal_ratio_to_rf', float('nan')):.2f} | {t['gflops_per_s']:.0f} | "
+                f"{t['fraction_of_fp32_peak']:.0%} | {'-' if graph is None else f'{graph:.1f}'} | "
+                f"{'-' if bf16 is None else f'{bf16:.1f}'} |")
+        if "rf_time_split" in r:
+            split = r["rf_time_split"]
+            lines += ["", f"RF step time: forward {split['forward']:.0%}, backward {split['backward']:.0%}, "
+                      f"update (all-reduce, clipping, AdamW + EMA) {split['update']:.0%}"]
+        s = r["sampling_img_per_s"]
+        lines += ["", "| sampling (Euler, XLA) | batch 1 | batch " + str(r["batch_size"]) + " |", "|---|---|---|"]
+        for n in (1, 8):
+            big = s[f"nfe{n}_batch{r['batch_size']}"]
+            lines.append(f"| NFE {n} img/s | {s[f'nfe{n}_batch1']:.1f} | {big:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}; every option is a --flag")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    for name in FLAGS.methods + FLAGS.graph_methods + FLAGS.bf16_methods:
+        parse_method(name)
+    peaks = dict(fp32=matmul_peak(tf.float32), bf16=matmul_peak(tf.bfloat16))
+    bench_flags = {k: FLAGS[k].value for k in ("flagfiles", "batch_size", "steps", "warmup", "methods",
+                                               "graph_methods", "bf16_methods", "out", "profile_dir", "jit_compile")}
+    results = []
+    for flagfile in bench_flags["flagfiles"]:
+        results.append(measure_network(flagfile, peaks, bench_flags))
+        report = dict(cpu_count=os.cpu_count(), tensorflow=tf.__version__, matmul_gflops=peaks, networks=results)
+        text = json.dumps(report, indent=1)
+        if bench_flags["out"]:  # after every network, so that a long run keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(bench_flags["out"])), exist_ok=True)
+            with open(bench_flags["out"], "w") as f:
+                f.write(text)
+    print(text)
+    print(markdown(results, peaks))
+
+
+if __name__ == "__main__":
+    cud_trainer.define_flags()
+    app.run(main)
