@@ -54,4 +54,6 @@ def test_two_workers_train_in_lockstep_and_only_the_chief_writes(mnist_data_dir,
     assert os.path.exists(run0 / "checkpoints" / "ckpt-4.index")
     assert "--strategy=multiworker" in (run0 / "flags.txt").read_text()
     assert not os.path.exists(tmp_path / "run1")  # the other worker wrote nothing there...
-    assert os.listdir(tmp_path / "tmp1") == []  # ...and removed its temporary checkpoints
+    # ...and removed its temporary checkpoints (autograph's generated modules and their bytecode may stay)
+    left = [f for f in os.listdir(tmp_path / "tmp1") if not f.startswith(("__autograph_generated", "__pycache__"))]
+    assert left == []
