@@ -88,6 +88,12 @@ def parse_method(name):
     raise flags.ValidationError(f"unknown method {name!r}; expected rf or cudK (K = 1..4), optionally with +enc")
 
 
+def objective_config(net_cfg, order):
+    """The flagfile's objective options with catch-up order K = `order`."""
+    import dataclasses
+    return dataclasses.replace(cud_trainer.objective_config(net_cfg.num_classes), order=order)
+
+
 def build_model(net_cfg, method, order, enc, jit_compile):
     import dataclasses
 
@@ -99,8 +105,7 @@ def build_model(net_cfg, method, order, enc, jit_compile):
     cfg = dataclasses.replace(net_cfg, num_heads=order)
     net = VelocityUNet(cfg).build_variables()
     encoder = VelocityUNet(noise_encoder_config(cfg)).build_variables() if enc else None
-    obj = dataclasses.replace(cud_trainer.objective_config(cfg.num_classes), order=order)
-    return DiffusionModel(net, OBJECTIVES[method], obj, common.optim_config(), global_batch_size=FLAGS.batch_size,
+    return DiffusionModel(net, OBJECTIVES[method], objective_config(cfg, order), common.optim_config(), global_batch_size=FLAGS.batch_size,
                           encoder=encoder, jit_compile=jit_compile)
 
 
@@ -113,8 +118,9 @@ def step_flops(net_cfg, name, batch):
     return graph_flops(tf.function(lambda: strategy.run(model.train_step, args=(batch,))).get_concrete_function())
 
 
-def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir=""):
-    """{img_per_s, seconds} of one train step of method `name` (median), and for RF its forward + backward alone."""
+def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir="", split=False):
+    """{img_per_s, seconds} of one train step of method `name` (median); with `split`, also its forward +
+    backward alone (the step without the all-reduce and update)."""
     import tensorflow as tf
     method, order, enc = parse_method(name)
     model = build_model(net_cfg, method, order, enc, jit_compile)
@@ -127,22 +133,23 @@ def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir=""):
         for _ in range(3):
             tf_first(step()).numpy()
         tf.profiler.experimental.stop()
-    if name == "rf":  # where the time goes: the same objective's forward + backward alone, without the update
+    if split:
         grads = tf.function(lambda: model._losses_and_grads_fn(batch, tf.constant(0, tf.int64), tf.constant(0), 1))
         out["forward_backward_seconds"] = median_seconds(grads, FLAGS.steps, FLAGS.warmup)
     return out
 
 
-def ideal_passes(method, order, enc, dropout, catchup_model):
+def ideal_passes(method, enc, obj_cfg, dropout):
     """(training passes with a gradient, forward passes of the batch without one) of a step, from the
     objective: the prediction (+ the noise encoder), then the catch-up slope's stages and the K target points."""
     from cud_tf import solvers
+    from cud_tf.objectives import cud
     trained = 1 + (1 if enc else 0)
     if method == "rf":
         return trained, 0
-    stages = len(solvers.get_tableau(solvers.ORDER_TO_TABLEAU[order]).needed_stages)
-    reused = 1 if (catchup_model == "train" and dropout == 0.0) else 0
-    return trained, stages - reused + order
+    order = obj_cfg.order
+    stages = len(solvers.get_tableau(obj_cfg.tableau or solvers.ORDER_TO_TABLEAU[order]).needed_stages)
+    return trained, stages - (1 if cud.reuses_prediction(obj_cfg, dropout) else 0) + order
 
 
 def sampling_rates(net, image_shape):
@@ -203,8 +210,9 @@ def measure_network(flagfile, peaks, bench_flags):
         method, order, enc = parse_method(name)
         if ("rf", enc) not in base_flops:
             base_flops[("rf", enc)] = step_flops(net_cfg, "rf+enc" if enc else "rf", batch)
-        r = time_train_step(net_cfg, name, batch, jit_compile=FLAGS.jit_compile, profile_dir=profile)
-        trained, forward = ideal_passes(method, order, enc, net_cfg.dropout, FLAGS.cud_catchup_model)
+        r = time_train_step(net_cfg, name, batch, jit_compile=FLAGS.jit_compile, profile_dir=profile,
+                            split=name == "rf")
+        trained, forward = ideal_passes(method, enc, objective_config(net_cfg, order), net_cfg.dropout)
         r["passes"] = dict(trained=trained, forward=forward)
         r["flops"] = base_flops[("rf", enc)] + forward * result["forward_flops"]
         r["gflops_per_s"] = r["flops"] / r["seconds"] / 1e9

@@ -77,7 +77,6 @@ class DiffusionModel(keras.Model):
         self.net, self.encoder = net, encoder
         self.objective, self.objective_cfg = objective, objective_cfg
         self.global_batch_size, self.seed, self.nonfinite = global_batch_size, seed, nonfinite
-        self.jit_compile = jit_compile
         self._losses_and_grads_fn = tf.function(self._losses_and_grads, jit_compile=True) if jit_compile else (
             self._losses_and_grads)
         self.ema_net = clone_network(net, "ema_net")

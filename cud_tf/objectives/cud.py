@@ -24,6 +24,12 @@ def catchup_targets(f, x_t, t, h, order, tableau, u, eps=interpolants.EPS, k1=No
     return [tf.stop_gradient(tf.where(outside, u, v)) for v in targets]
 
 
+def reuses_prediction(cfg: ObjectiveConfig, dropout: float) -> bool:
+    """Whether the catch-up slope's first stage f(x_t, t) is taken from the prediction of head g_1: exact when the
+    training weights compute the targets without dropout; with dropout only under `reuse_k1` (a deviation)."""
+    return cfg.catchup_model == "train" and (cfg.reuse_k1 or dropout == 0.0)
+
+
 def loss_weights(step, cfg: ObjectiveConfig):
     """(w_kd, w_gt): constant, or the adaptive schedule 2k/I and 2(1 - k/I) of the reference (K = 1)."""
     if not cfg.adaptive_weights:
@@ -45,9 +51,7 @@ def loss(nets: Nets, batch, rng, step, cfg: ObjectiveConfig) -> LossOutput:
     catchup_net = nets.catchup if cfg.catchup_model == "ema" else nets.velocity
     f = velocity_fn(catchup_net, head=1, labels=y, training=True)  # training mode: dropout on, as the reference
     tableau = cfg.tableau or solvers.ORDER_TO_TABLEAU[k_order]
-    # The slope's first stage f(x_t, t) is the prediction of head g_1 itself when the training weights compute
-    # the targets without dropout (exact), or with dropout under --cud_reuse_k1 (a documented deviation).
-    reuse = cfg.catchup_model == "train" and (cfg.reuse_k1 or nets.velocity.config.dropout == 0.0)
+    reuse = reuses_prediction(cfg, nets.velocity.config.dropout)
     targets = catchup_targets(f, p.x_t, p.t, h, k_order, tableau, p.u, cfg.eps, k1=preds[0] if reuse else None)
 
     w_kd, w_gt = loss_weights(step, cfg)
