@@ -139,46 +139,60 @@ class DiffusionModel(keras.Model):
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
             if self.clip_norms[g] > 0:
                 grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
-        self._apply_if_finite(finite, grads)
+        self._apply_if_finite(finite, grads, self.active_groups(step))
         self.step.assign_add(1)
         metrics["nonfinite"] = (1.0 - tf.cast(finite, tf.float32)) / n
         for g, opt in self.optimizers_by_group.items():
             metrics[f"lr_{g}"] = tf.cast(opt.learning_rate, tf.float32) / n
         return metrics
 
-    def _losses_and_grads(self, batch, step, replica_id, num_replicas):
-        """This replica's metric contributions {name: scalar} and local gradients {group: [grad per variable]}."""
+    def active_groups(self, step) -> Dict[str, tf.Tensor]:
+        """{group: bool scalar} for groups updated only on some steps (default: every group, every step)."""
+        del step
+        return {}
+
+    def _losses_and_grads(self, batch, step, replica_id, num_replicas, objective=None):
+        """This replica's metric contributions {name: scalar} and local gradients {group: [grad per variable]};
+        a group without a loss in the objective's output gets zero gradients."""
         rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), replica_id, num_replicas)
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
-            out = self.objective(self.nets, batch, rng, step, self.objective_cfg)
+            out = (objective or self.objective)(self.nets, batch, rng, step, self.objective_cfg)
             losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
                       for g, v in out.per_example.items()}
         metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)
                    for k, v in out.metrics.items()}
         grads = {}
-        for g, loss in losses.items():
-            local = tape.gradient(loss, self.group_vars[g])
-            grads[g] = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, self.group_vars[g])]
+        for g, variables in self.group_vars.items():
+            local = tape.gradient(losses[g], variables) if g in losses else [None] * len(variables)
+            grads[g] = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, variables)]
         del tape
         return metrics, grads
 
-    def _apply_if_finite(self, finite, grads):
-        """Applies every group's update, or none when a gradient is not finite (counted in skipped_updates).
+    def _apply_if_finite(self, finite, grads, active):
+        """Applies the update of every group that is active this step (`active`: {group: bool}, default all),
+        or none when a gradient is not finite (counted in skipped_updates).
 
-        The cond runs in cross-replica context, as Keras' LossScaleOptimizer does, because the optimizer's
+        The conds run in cross-replica context, as Keras' LossScaleOptimizer does, because the optimizer's
         apply calls merge_call."""
-        def apply_all(grads_):
-            for g, opt in self.optimizers_by_group.items():
-                opt.apply_gradients(zip(grads_[g], self.group_vars[g]))
+        def cross_replica(distribution, finite_, grads_, active_):
+            first = lambda x: distribution.experimental_local_results(x)[0]  # noqa: E731
 
-        def cross_replica(distribution, finite_, grads_):
-            def apply():
-                distribution.extended.call_for_each_replica(apply_all, args=(grads_,))
+            def apply_group(g):
+                def apply(grads__):
+                    self.optimizers_by_group[g].apply_gradients(zip(grads__[g], self.group_vars[g]))
+                return lambda: distribution.extended.call_for_each_replica(apply, args=(grads_,))
+
+            def apply_active():
+                for g in self.optimizers_by_group:
+                    if g in active_:
+                        tf.cond(first(active_[g]), apply_group(g), lambda: None)
+                    else:
+                        apply_group(g)()
 
             def skip():
                 self.skipped_updates.assign_add(1)
 
-            # Every replica computed the same flag from all-reduced gradients: take the first.
-            tf.cond(distribution.experimental_local_results(finite_)[0], apply, skip)
+            # Every replica computed the same flags from all-reduced gradients and the step: take the first.
+            tf.cond(first(finite_), apply_active, skip)
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads))
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads, active))

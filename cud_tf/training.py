@@ -171,10 +171,13 @@ def _nonfinite_count(variables) -> int:
 
 
 def train(model, strategy, make_dist_dataset: Callable[[int], object], cfg: LoopConfig, arch: dict,
-          image_shape, log: Optional[Callable[[str], None]] = print) -> dict:
+          image_shape, log: Optional[Callable[[str], None]] = print,
+          on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Trains `model` to `cfg.train_steps`, resuming from the newest good checkpoint in `cfg.run_dir`.
 
     make_dist_dataset(start_step) -> a distributed dataset positioned at that step. Returns the last metrics.
+    on_step(k), on every worker, with the number k of completed steps: once after the restore and after each step
+    (after its checkpoint): host-side schedules such as DisBack's path recording and target switches.
     On SIGTERM (on any worker) every worker saves a checkpoint at the next step and returns. A non-finite
     update is skipped (`nonfinite="skip"`) or raises TrainingError (`"stop"`) before anything is saved; weights
     that are not finite are never saved (TrainingError).
@@ -188,18 +191,20 @@ def train(model, strategy, make_dist_dataset: Callable[[int], object], cfg: Loop
         checkpoint = tf.train.Checkpoint(**model.trackables())
         ckpt = checkpointing.Checkpointer(checkpoint, cfg.run_dir, chief, cfg.keep_checkpoints, log)
         try:
-            return _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop)
+            return _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop,
+                               on_step or (lambda k: None))
         except checkpointing.CheckpointError as e:
             raise TrainingError(str(e)) from None
         finally:
             ckpt.close()
 
 
-def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop):
+def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop, on_step):
     if ckpt.restore():
         log(f"resumed from {ckpt.latest} at step {int(model.step.numpy())}")
     start = int(model.step.numpy())
     _check_workers_agree(strategy, model.step)
+    on_step(start)
     iterator = iter(make_dist_dataset(start))
 
     @tf.function
@@ -256,6 +261,7 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
                 writer.flush()
             log(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
             return metrics
+        on_step(step)
     if last_saved != step:
         save(step)
     if chief:

@@ -1,0 +1,223 @@
+"""DisBack: the distribution-matching gradient, the recorded path, target switches, and both stages end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from conftest import tiny_unet_config
+from cud_tf import disback
+from cud_tf.model import OptimConfig, clone_network
+from cud_tf.networks.unet import VelocityUNet
+from cud_tf.objectives import disback as objective
+from trainers import cud as cud_trainer
+from trainers import disback as disback_trainer
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+cud_trainer.define_flags()
+disback_trainer.define_flags()
+
+
+def test_generator_loss_gradient_with_respect_to_the_samples_is_g():
+    rs = np.random.RandomState(0)
+    shape = (3, 4, 4, 2)
+    x_g, eps, v_fake, v_target = (tf.constant(rs.normal(size=shape), tf.float32) for _ in range(4))
+    t = tf.constant([0.1, 0.5, 0.9])
+    x_t = (1 - t[:, None, None, None]) * x_g + t[:, None, None, None] * eps
+    g = objective.dm_gradient(v_fake, v_target, x_g, x_t, t)
+    # g by hand, in float64: t (v_target - v_fake) / mean|x_g - (x_t - t v_target)|.
+    tt = t.numpy()[:, None, None, None].astype(np.float64)
+    x0_target = x_t.numpy() - tt * v_target.numpy()
+    scale = np.abs(x_g.numpy() - x0_target).mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(g.numpy(), tt * (v_target.numpy() - v_fake.numpy()) / scale, rtol=1e-4, atol=1e-6)
+    with tf.GradientTape() as tape:
+        tape.watch(x_g)
+        loss = tf.reduce_sum(objective.generator_loss(x_g, g))
+    np.testing.assert_allclose(tape.gradient(loss, x_g).numpy(), g.numpy(), rtol=1e-6, atol=1e-7)
+    assert np.abs(g.numpy()).max() > 0.01  # not a trivially zero gradient
+
+
+def test_node_schedule_walks_back_to_the_teacher():
+    assert disback.node_schedule(4, [10]) == [(0, 3), (10, 2), (20, 1), (30, 0)]
+    schedule = disback.node_schedule(3, [5, 20])
+    assert schedule == [(0, 2), (5, 1), (25, 0)]
+    nodes = [disback.target_node(k, schedule) for k in range(30)]
+    assert nodes == [2] * 5 + [1] * 20 + [0] * 5
+    assert disback.node_schedule(1, [7]) == [(0, 0)]  # one node: the teacher is the target at once
+    assert disback.node_schedule(0, []) == [(0, 0)]  # path off
+    with pytest.raises(ValueError, match="one per node"):
+        disback.node_schedule(4, [1, 2])
+
+
+def tiny_nets(names, **overrides):
+    cfg = tiny_unet_config(**overrides)
+    first = VelocityUNet(cfg, name=names[0]).build_variables()
+    return [first] + [clone_network(first, n) for n in names[1:]]
+
+
+def test_path_nodes_are_ordered_loadable_and_verified(tmp_path):
+    net, target = tiny_nets(["degradation", "target"])
+    path = disback.DegradationPath(str(tmp_path / "path"))
+    written = []
+    for i in range(3):
+        for v in net.trainable_variables:
+            v.assign(v + 0.01 * (i + 1))
+        path.write_node(i, 10 * i, net, record_every=10)
+        written.append([v.numpy() for v in net.trainable_variables])
+    path.check_complete(2)
+    assert [(n["index"], n["step"]) for n in path.nodes()] == [(0, 0), (1, 10), (2, 20)]
+    with pytest.raises(disback.PathError, match="not 0..3"):
+        path.check_complete(3)
+    for i in (2, 0, 1):  # any order: each read gives that node's weights, into a network of another name
+        path.load_node(i, target)
+        for a, b in zip(written[i], target.trainable_variables):
+            np.testing.assert_array_equal(a, b.numpy())
+        stored = read_checkpoint_weights(os.path.join(path.directory, f"node_{i:03d}"), target)
+        for a, (_, b) in zip(stored, disback.weight_items(target)):
+            np.testing.assert_array_equal(a, b.numpy())
+    # Tampered weights are caught by the manifest's fingerprint.
+    manifest = path.manifest()
+    manifest["nodes"][1]["sha256"] = "0" * 64
+    with open(path.manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(disback.PathError, match="differ"):
+        path.load_node(1, target)
+    other = VelocityUNet(tiny_unet_config(base_channels=4), name="other").build_variables()
+    with pytest.raises(disback.PathError, match="cannot read"):
+        path.load_node(0, other)
+
+
+def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path):
+    generator, fake, target = tiny_nets(["velocity", "fake", "target"])
+    for v in fake.trainable_variables:  # a fake that differs from the target, so g != 0
+        v.assign(v + 0.05 * tf.random.stateless_normal(v.shape, [1, 2]))
+    path = disback.DegradationPath(str(tmp_path / "path"))
+    path.write_node(0, 0, target)
+    cfg = objective.DisbackConfig(fake_updates_per_generator=3)
+    model = disback.DisbackModel(generator, fake, target, cfg, OptimConfig(learning_rate=1e-3, ema_decay=0.5),
+                                 global_batch_size=4)
+    model.set_target(path, 0)
+    images = np.zeros((4, 8, 8, 1), np.float32)
+    it = iter(tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(4, np.int32)}).repeat())
+    step = tf.function(lambda: model.train_step(next(it)))
+    values = lambda vs: [v.numpy() for v in vs]  # noqa: E731
+    changed = lambda a, b: max(np.abs(x - y).max() for x, y in zip(a, b)) > 0  # noqa: E731
+    target0 = values(target.variables)
+    gen_changes, fake_changes, gen_losses = [], [], []
+    for _ in range(6):
+        g0, f0 = values(model.group_vars["velocity"]), values(model.group_vars["fake"])
+        out = step()
+        gen_changes.append(changed(g0, values(model.group_vars["velocity"])))
+        fake_changes.append(changed(f0, values(model.group_vars["fake"])))
+        gen_losses.append(float(out["generator_loss"]))
+    assert gen_changes == [False, False, True, False, False, True]  # the last step of every 3
+    assert all(fake_changes)
+    assert gen_losses[2] > 0 and gen_losses[1] == 0.0
+    assert step.experimental_get_tracing_count() == 1
+    assert not changed(target0, values(target.variables))  # the target is frozen
+    # The generator's optimizer counted its own updates only.
+    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 2
+    assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 6
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(mnist_data_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("disback") / "teacher")
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud", f"--flagfile={ROOT}/configs/mnist_quick.cfg", f"--run_dir={run_dir}",
+               "--train_steps=2", "--channels=8", "--channel_mult=1,2", "--num_res_blocks=1",
+               "--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default",
+               "--sample_nfes=1", "--num_sample_images=2", f"--data_dir={mnist_data_dir}"])
+        cud_trainer.run()
+    return run_dir
+
+
+def tiny_disback_flags(teacher, run_dir, data_dir):
+    return [f"--flagfile={ROOT}/configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
+            f"--run_dir={run_dir}", "--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default",
+            "--sample_nfes=1", "--num_sample_images=2", f"--data_dir={data_dir}", "--disback_fake_updates=2"]
+
+
+def read_checkpoint_weights(prefix, net):
+    """`net`'s float weights as stored in checkpoint `prefix`, read by name without any network object
+    (tf.train.Checkpoint escapes '/' in a dict key as '.S')."""
+    reader = tf.train.load_checkpoint(prefix)
+    return [reader.get_tensor(f"net/{key.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE")
+            for key, _ in disback.weight_items(net)]
+
+
+def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data_dir, tmp_path):
+    run_dir = str(tmp_path / "disback")
+    base = tiny_disback_flags(teacher_dir, run_dir, mnist_data_dir) + [
+        "--disback_num_nodes=3", "--disback_record_every=2", "--disback_node_iterations=1,2", "--checkpoint_every=2"]
+    logs = []
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.disback", *base, "--train_steps=2"])
+        metrics = disback_trainer.run(log=logs.append)
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    path = disback.DegradationPath(os.path.join(run_dir, "degradation", "path"))
+    path.check_complete(3)
+    assert [n["step"] for n in path.nodes()] == [0, 2, 4, 6]
+    assert len({n["sha256"] for n in path.nodes()}) == 4  # the degradation network moved between nodes
+    from cud_tf import run_dirs
+    teacher = run_dirs.load_run(teacher_dir)
+    assert path.nodes()[0]["sha256"] == disback.fingerprint(teacher.net)  # s'_0 is the teacher
+
+    # Resume stage 2 from its flags: stage 1 is complete and is not rerun; the target keeps walking back.
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.disback", f"--flagfile={run_dir}/flags.txt", "--train_steps=5"])
+        disback_trainer.run(log=logs.append)
+    assert not any("stage-1 step" in line and "resumed" in line for line in logs)
+    with open(os.path.join(run_dir, "target_switches.jsonl")) as f:
+        switches = [json.loads(line) for line in f]
+    # Schedule: s'_2 for 1 iteration, s'_1 for 2, then s'_0; the resumed run (from iteration 2) reloads s'_1.
+    assert [(s["iteration"], s["node"]) for s in switches] == [(0, 2), (1, 1), (2, 1), (3, 0)]
+    for s in switches:  # each switch left the target holding exactly the node's stored weights
+        assert s["sha256"] == path.nodes()[s["node"]]["sha256"]
+    node0 = read_checkpoint_weights(os.path.join(path.directory, "node_000"), teacher.net)
+    for a, (_, b) in zip(node0, disback.weight_items(teacher.net)):
+        np.testing.assert_array_equal(a, b.numpy())
+
+    evaluated = run_dirs.load_run(run_dir)  # the evaluator's view: the generator's EMA weights
+    assert disback.fingerprint(evaluated.net) != disback.fingerprint(teacher.net)
+    samples = np.load(os.path.join(run_dir, "samples.npy"))
+    assert samples.shape == (1, 2, 28, 28, 1) and np.isfinite(samples).all()
+
+    # Path off: no stage 1, the teacher is the target throughout.
+    off_dir = str(tmp_path / "off")
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.disback", *tiny_disback_flags(teacher_dir, off_dir, mnist_data_dir), "--disback_path=off",
+               "--train_steps=2"])
+        disback_trainer.run(log=logs.append)
+    assert not os.path.exists(os.path.join(off_dir, "degradation"))
+    with open(os.path.join(off_dir, "target_switches.jsonl")) as f:
+        assert [json.loads(line)["node"] for line in f] == [0]
+
+    # Another path setting on the same run directory is refused without touching it.
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.disback", f"--flagfile={run_dir}/flags.txt", "--disback_record_every=3"])
+        from cud_tf.training import TrainingError
+        with pytest.raises(TrainingError, match="disback_record_every"):
+            disback_trainer.run(log=logs.append)
+
+
+@pytest.mark.parametrize("name", ["disback_mnist.cfg", "disback_cifar10.cfg"])
+def test_flagfiles_parse(name):
+    with flagsaver.flagsaver():
+        os.chdir(ROOT)
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.disback", f"--flagfile=configs/{name}"])
+        schedule = disback_trainer.node_schedule()
+        assert schedule[0] == (0, FLAGS.disback_num_nodes - 1) and schedule[-1][1] == 0
+        assert schedule[-1][0] < FLAGS.train_steps  # the teacher is the target for the last iterations
+        cfg = disback_trainer.disback_config(num_classes=0)
+        assert cfg.fake_updates_per_generator == 5
