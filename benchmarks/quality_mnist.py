@@ -1,11 +1,16 @@
-"""Quality on MNIST against NFE: rectified flow vs CUD K=1,2,3 (same network, iterations, batch and seed), then the
-one-step stage on the best CUD model; every model evaluated by `trainers.evaluate` with the same noise and sample
-count. Prints one table (and writes quality_mnist.json / .md in --out_dir):
+"""Quality on MNIST against NFE: rectified flow vs CUD K=1,2,3 (same network, iterations, batch and seed), the
+one-step stage on the best CUD model, and the distillations of one teacher run (default CUD K=1): TRACT and
+binary time distillation with the same training images, DisBack and its path-off ablation with the same
+stage-2 iterations (plus DisBack's distance at NFE 1 against iterations for both, disback_curve.png). Every model
+is evaluated by `trainers.evaluate` with the same noise and sample count. Prints one table (and writes
+quality_mnist.json / .md in --out_dir):
 
     python benchmarks/quality_mnist.py --out_dir=runs/quality_mnist
 
-Every stage is a subprocess of the real trainers; a rerun resumes finished runs instead of retraining them.
+Every stage is a subprocess of the real trainers; a rerun resumes finished runs instead of retraining them and
+reuses evaluations of the same checkpoint. Training seconds come from the runs' TensorBoard event times.
 """
+import glob
 import json
 import os
 import subprocess
@@ -29,6 +34,13 @@ flags.DEFINE_integer("seed", 0, "Seed of every method.")
 flags.DEFINE_list("nfe", ["1", "2", "4", "8", "16"], "NFEs of the table.")
 flags.DEFINE_integer("num_samples", 10000, "Generated images per model and NFE.", lower_bound=2)
 flags.DEFINE_list("orders", ["1", "2", "3"], "CUD orders K to train.")
+flags.DEFINE_string("distill_teacher", "cud1", "Method whose run is the teacher of TRACT, BTD and DisBack "
+                    "('' skips the distillations).")
+flags.DEFINE_integer("distill_steps", 600, "Training steps of TRACT and BTD, and stage-2 iterations of DisBack.",
+                     lower_bound=1)
+flags.DEFINE_integer("curve_every", 100, "DisBack iterations between the checkpoints of the distance curve.",
+                     lower_bound=1)
+flags.DEFINE_integer("curve_samples", 1000, "Samples per point of the DisBack curve.", lower_bound=2)
 flags.DEFINE_multi_string("train_flag", [], "An extra flag for every trainer (repeatable), e.g. "
                           "--train_flag=--data_dir=DIR.")
 flags.DEFINE_multi_string("eval_flag", [], "An extra flag for every evaluation (repeatable), e.g. "
@@ -48,11 +60,80 @@ def call(module, *args):
     return time.perf_counter() - t0
 
 
-def evaluate(run_dir, head):
-    call("trainers.evaluate", f"--run_dir={run_dir}", f"--nfe={','.join(FLAGS.nfe)}",
-         f"--num_samples={FLAGS.num_samples}", f"--head={head}", *FLAGS.eval_flag)
-    with open(os.path.join(run_dir, "eval", f"eval_euler_head{head}.json")) as f:
+def latest_checkpoint(run_dir):
+    """The newest checkpoint prefix of a run (from the `checkpoint` state file), or None."""
+    state = os.path.join(run_dir, "checkpoints", "checkpoint")
+    if not os.path.exists(state):
+        return None
+    with open(state) as f:
+        name = f.readline().split(":", 1)[1].strip().strip('"')
+    return os.path.join(run_dir, "checkpoints", os.path.basename(name))
+
+
+def evaluate(run_dir, head, nfes=None, checkpoint=None, out_dir=None, num_samples=None):
+    """trainers.evaluate's JSON for a run (its latest checkpoint by default); reused when the same checkpoint
+    was already evaluated with the same NFEs and sample count."""
+    nfes = [str(k) for k in (nfes or FLAGS.nfe)]
+    num_samples = num_samples or FLAGS.num_samples
+    checkpoint = checkpoint or latest_checkpoint(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "eval")
+    path = os.path.join(out_dir, f"eval_euler_head{head}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if (os.path.basename(old["checkpoint"]) == os.path.basename(checkpoint or "") and
+                old["num_samples"] == num_samples and [str(r["nfe"]) for r in old["rows"]] == nfes):
+            return old
+    call("trainers.evaluate", f"--run_dir={run_dir}", f"--nfe={','.join(nfes)}", f"--num_samples={num_samples}",
+         f"--head={head}", f"--out_dir={out_dir}", *([f"--checkpoint={checkpoint}"] if checkpoint else []),
+         *FLAGS.eval_flag)
+    with open(path) as f:
         return json.load(f)
+
+
+def train_seconds(run_dir):
+    """Training wall time of a run from its TensorBoard event times (first to last scalar, resumes included;
+    the start-up before the first logged step is not counted), summed over the run's stages."""
+    import tensorflow as tf
+    total = 0.0
+    for tb in (os.path.join(run_dir, "tb"), os.path.join(run_dir, "degradation", "tb")):
+        times = []
+        for events in sorted(tf.io.gfile.glob(os.path.join(tb, "events.out.tfevents.*"))):
+            times += [e.wall_time for e in tf.compat.v1.train.summary_iterator(events) if e.summary.value]
+        if times:
+            total += max(times) - min(times)
+    return total
+
+
+def disback_curve(runs, out):
+    """Distance at NFE 1 against stage-2 iterations for each DisBack run {name: run_dir}; writes
+    disback_curve.json and .png in `out` and returns {name: [(iteration, distance)]}."""
+    curves = {}
+    for name, run_dir in runs.items():
+        points = []
+        for index in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "ckpt-*.index")),
+                            key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0])):
+            prefix = index[:-len(".index")]
+            step = int(prefix.rsplit("-", 1)[1])
+            result = evaluate(run_dir, 1, nfes=[1], checkpoint=prefix, num_samples=FLAGS.curve_samples,
+                              out_dir=os.path.join(run_dir, "eval_curve", f"ckpt-{step}"))
+            points.append((step, result["rows"][0]["distance"]))
+        curves[name] = points
+    with open(os.path.join(out, "disback_curve.json"), "w") as f:
+        json.dump(dict(num_samples=FLAGS.curve_samples, curves=curves), f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
+    ax.set_xlabel("stage-2 iteration")
+    ax.set_ylabel("FD (MNIST classifier), NFE 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "disback_curve.png"), dpi=100)
+    plt.close(fig)
+    return curves
 
 
 def table(rows, nfes, metric):
@@ -60,8 +141,9 @@ def table(rows, nfes, metric):
     for r in rows:
         cells = [f"{r['distance'][str(k)]:.2f}" if str(k) in r["distance"] else "-" for k in nfes]
         lines.append(f"| {r['method']} | {' | '.join(cells)} | {r['train_seconds']:.0f} |")
-    return f"{metric}, Euler sampler, {FLAGS.num_samples} samples, {FLAGS.train_steps} iterations\n\n" + "\n".join(
-        lines) + "\n"
+    return (f"{metric}, Euler sampler, {FLAGS.num_samples} samples; {FLAGS.train_steps} iterations (one-step stage "
+            f"{FLAGS.onestep_steps}; TRACT/BTD {FLAGS.distill_steps}; DisBack {FLAGS.distill_steps} stage-2 "
+            "iterations)\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -76,35 +158,61 @@ def main(argv):
         (f"cud{k}", ["--method=cud", f"--cud_order={k}"], int(k)) for k in FLAGS.orders]
     rows, metric = [], None
 
-    def add(name, run_dir, head, seconds):
+    def add(name, run_dir, head, nfes_=None):
         nonlocal metric
-        result = evaluate(run_dir, head)
+        result = evaluate(run_dir, head, nfes_)
         metric = result["metric"]
-        rows.append(dict(method=name, run_dir=run_dir, head=head, train_seconds=seconds,
+        rows.append(dict(method=name, run_dir=run_dir, head=head, train_seconds=train_seconds(run_dir),
                          distance={str(r["nfe"]): r["distance"] for r in result["rows"]}))
 
     for name, args, order in methods:
         run_dir = os.path.join(out, name)
-        seconds = call("trainers.cud", *common, *args, f"--run_dir={run_dir}")
+        call("trainers.cud", *common, *args, f"--run_dir={run_dir}")
         for head in sorted({1, order}):
-            add(name if head == 1 else f"{name} (head g_{head})", run_dir, head, seconds)
+            add(name if head == 1 else f"{name} (head g_{head})", run_dir, head)
     cud_rows = [r for r in rows if r["method"].startswith("cud")]
     if not cud_rows:
         sys.exit("error: --orders is empty; the one-step stage needs a CUD model")
     best = min(cud_rows, key=lambda r: r["distance"][str(min(nfes))])
     onestep_dir = os.path.join(out, "onestep")
-    seconds = call("trainers.onestep", f"--flagfile={FLAGS.onestep_flagfile}", f"--init_run_dir={best['run_dir']}",
+    call("trainers.onestep", f"--flagfile={FLAGS.onestep_flagfile}", f"--init_run_dir={best['run_dir']}",
                    f"--run_dir={onestep_dir}", f"--train_steps={FLAGS.onestep_steps}",
                    f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
                    f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
                    *FLAGS.train_flag)
-    add(f"{best['method']} + one-step stage", onestep_dir, best["head"], seconds)
+    add(f"{best['method']} + one-step stage", onestep_dir, best["head"])
+
+    curves = {}
+    if FLAGS.distill_teacher:
+        teacher = os.path.join(out, FLAGS.distill_teacher)
+        if not os.path.isdir(teacher):
+            sys.exit(f"error: --distill_teacher={FLAGS.distill_teacher} is not a trained method of this benchmark")
+        d = FLAGS.distill_steps
+        run = [f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
+               f"--train_steps={d}", *FLAGS.train_flag]
+        for name, flagfile, phases in (("tract", "tract_mnist.cfg", 2), ("btd", "btd_mnist.cfg", 10)):
+            if d % phases:
+                sys.exit(f"error: --distill_steps={d} does not split into {phases} phases")
+            call("trainers.tract", f"--flagfile=configs/{flagfile}", f"--tract_teacher_run_dir={teacher}",
+                 f"--run_dir={os.path.join(out, name)}", f"--tract_steps_per_phase={d // phases}", *run)
+            add(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1)
+        disback_runs = {}
+        for name, path in (("disback", "on"), ("disback_path_off", "off")):
+            run_dir = os.path.join(out, name)
+            call("trainers.disback", "--flagfile=configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
+                 f"--run_dir={run_dir}", f"--disback_path={path}", f"--checkpoint_every={FLAGS.curve_every}",
+                 f"--keep_checkpoints={d // FLAGS.curve_every + 1}", *run)
+            label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
+            add(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1])
+            disback_runs[label] = run_dir
+        curves = disback_curve(disback_runs, out)
 
     md = table(rows, nfes, metric)
     with open(os.path.join(out, "quality_mnist.json"), "w") as f:
         json.dump(dict(metric=metric, num_samples=FLAGS.num_samples, train_steps=FLAGS.train_steps,
                        onestep_steps=FLAGS.onestep_steps, global_batch_size=FLAGS.global_batch_size,
-                       seed=FLAGS.seed, rows=rows), f, indent=1)
+                       seed=FLAGS.seed, distill_steps=FLAGS.distill_steps, rows=rows, disback_curves=curves), f,
+                  indent=1)
     with open(os.path.join(out, "quality_mnist.md"), "w") as f:
         f.write(md)
     print(json.dumps(rows))

@@ -41,6 +41,34 @@ def test_generator_loss_gradient_with_respect_to_the_samples_is_g():
     assert np.abs(g.numpy()).max() > 0.01  # not a trivially zero gradient
 
 
+def test_guidance_applies_to_the_target_only():
+    """Class-conditional DisBack: the target's velocity is guided (w = 2.5), the fake's and generator's are not."""
+    from cud_tf import interpolants
+    from cud_tf.objectives.common import Nets, distance
+    gen, fake, target = tiny_nets(["velocity", "fake", "target"], num_classes=3)
+    for i, net in enumerate((fake, target)):
+        for v in net.trainable_variables:
+            v.assign(v + 0.05 * tf.random.stateless_normal(v.shape, [i, 7]))
+    batch = {"image": tf.zeros([4, 8, 8, 1]), "label": tf.constant([0, 1, 2, 1])}
+    cfg = objective.DisbackConfig(guidance_scale=2.5)
+    rng = interpolants.Rng(interpolants.fold_seed(0, 3))
+    out = objective.loss(Nets(velocity=gen, teacher=target, extra={"fake": fake}), batch, rng, 3, cfg)
+
+    y, x = batch["label"], batch["image"]  # the same stateless draws, by hand
+    x_g = objective.generate(gen, rng.normal("gen_z", x), y)
+    t = 0.02 + 0.96 * rng.uniform("dm_t", 4)
+    x_t = interpolants.x_t(x0=x_g, z=rng.normal("dm_eps", x), t=t)
+    v_fake = fake(x_t, t, y, head=1)
+    v_cond, v_uncond = target(x_t, t, y, head=1), target(x_t, t, tf.fill([4], 3), head=1)
+    for w, expect_equal in ((2.5, True), (1.0, False)):
+        v_target = v_uncond + w * (v_cond - v_uncond)
+        g = objective.dm_gradient(v_fake, v_target, x_g, x_t, t)
+        expected = 0.5 * tf.reduce_sum(tf.square(g), axis=[1, 2, 3])
+        assert np.allclose(out.per_example["velocity"].numpy(), expected.numpy(), rtol=1e-4) == expect_equal
+        gap = distance(v_fake, v_target).numpy()
+        assert np.allclose(out.metrics["fake_target_gap"].numpy(), gap, rtol=1e-4) == expect_equal
+
+
 def test_node_schedule_walks_back_to_the_teacher():
     assert disback.node_schedule(4, [10]) == [(0, 3), (10, 2), (20, 1), (30, 0)]
     schedule = disback.node_schedule(3, [5, 20])

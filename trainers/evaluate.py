@@ -49,6 +49,8 @@ def define_flags():
     _define(d.DEFINE_string, "data_dir", None, "tfds data directory (default: the run's own).")
     _define(d.DEFINE_string, "out_dir", None, "Output directory (default <run_dir>/eval).")
     _define(d.DEFINE_enum, "weights", "ema", ["ema", "train"], "Which weights of the run to evaluate.")
+    _define(d.DEFINE_string, "checkpoint", None, "A checkpoint prefix of the run, e.g. <run_dir>/checkpoints/ckpt-400 "
+            "(default: the latest).")
     _define(d.DEFINE_integer, "eval_seed", 0, "Seed of the evaluation noise (the same for every NFE and run).")
     _define(d.DEFINE_integer, "num_grid_images", 10, "Images per row of the sample grids.", lower_bound=1)
     _define(d.DEFINE_boolean, "jit_compile", True, "Compile the samplers with XLA.")
@@ -127,7 +129,7 @@ def run(log=print):
         raise flags.ValidationError(f"--nfe must list positive integers, got {FLAGS.nfe}")
     scales = _floats(FLAGS.guidance_scale, "guidance_scale")
     solvers.get_tableau(FLAGS.sampler)
-    loaded = run_dirs.load_run(FLAGS.run_dir, weights=FLAGS.weights)
+    loaded = run_dirs.load_run(FLAGS.run_dir, weights=FLAGS.weights, checkpoint=FLAGS.checkpoint)
     net, cfg = loaded.net, loaded.config
     if FLAGS.head > cfg.num_heads:
         raise flags.ValidationError(f"--head={FLAGS.head} but the network of {FLAGS.run_dir} has "
