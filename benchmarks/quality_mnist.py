@@ -92,16 +92,23 @@ def evaluate(run_dir, head, nfes=None, checkpoint=None, out_dir=None, num_sample
 
 
 def train_seconds(run_dir):
-    """Training wall time of a run from its TensorBoard event times (first to last scalar, resumes included;
-    the start-up before the first logged step is not counted), summed over the run's stages."""
+    """Training time of a run, summed over its stages, from its TensorBoard `images_per_sec` scalars (each covers
+    the steps since the previous one): resumes and pauses between them do not count, nor does start-up."""
     import tensorflow as tf
+    from cud_tf import run_dirs
+    batch = int(run_dirs.read_flags(run_dir).get("global_batch_size", FLAGS.global_batch_size))
     total = 0.0
     for tb in (os.path.join(run_dir, "tb"), os.path.join(run_dir, "degradation", "tb")):
-        times = []
+        speed = {}
         for events in sorted(tf.io.gfile.glob(os.path.join(tb, "events.out.tfevents.*"))):
-            times += [e.wall_time for e in tf.compat.v1.train.summary_iterator(events) if e.summary.value]
-        if times:
-            total += max(times) - min(times)
+            for e in tf.compat.v1.train.summary_iterator(events):
+                for v in e.summary.value:
+                    if v.tag == "images_per_sec":
+                        speed[e.step] = float(tf.make_ndarray(v.tensor))
+        previous = 0
+        for step in sorted(speed):
+            total += (step - previous) * batch / max(speed[step], 1e-9)
+            previous = step
     return total
 
 
