@@ -95,8 +95,11 @@ def train_seconds(run_dir):
     """Training time of a run, summed over its stages, from its TensorBoard `images_per_sec` scalars (each covers
     the steps since the previous one): resumes and pauses between them do not count, nor does start-up."""
     import tensorflow as tf
-    from cud_tf import run_dirs
-    batch = int(run_dirs.read_flags(run_dir).get("global_batch_size", FLAGS.global_batch_size))
+    batch = FLAGS.global_batch_size
+    with open(os.path.join(run_dir, "flags.txt")) as f:
+        for line in f:
+            if line.startswith("--global_batch_size="):
+                batch = int(line.split("=", 1)[1])
     total = 0.0
     for tb in (os.path.join(run_dir, "tb"), os.path.join(run_dir, "degradation", "tb")):
         speed = {}
