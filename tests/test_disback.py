@@ -249,3 +249,28 @@ def test_flagfiles_parse(name):
         assert schedule[-1][0] < FLAGS.train_steps  # the teacher is the target for the last iterations
         cfg = disback_trainer.disback_config(num_classes=0)
         assert cfg.fake_updates_per_generator == 5
+
+
+def test_mirrored_two_cpus_equals_default(mirrored_strategy):
+    """Two generator/fake cycles under MirroredStrategy over 2 logical CPUs give the default strategy's weights
+    (the per-group conds run in cross-replica context)."""
+    weights = {}
+    for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored_strategy)):
+        with strategy.scope():
+            generator, fake, target = tiny_nets(["velocity", "fake", "target"])
+            for i, v in enumerate(generator.trainable_variables):
+                v.assign(0.1 * tf.random.stateless_normal(v.shape, [3, i]))
+            for a, f, t in zip(generator.trainable_variables, fake.trainable_variables, target.trainable_variables):
+                f.assign(a + 0.05)
+                t.assign(a)
+            model = disback.DisbackModel(generator, fake, target, objective.DisbackConfig(fake_updates_per_generator=2),
+                                         OptimConfig(learning_rate=1e-3), global_batch_size=4)
+        batch = {"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int32)}
+        it = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+        step = tf.function(lambda: strategy.run(model.train_step, args=(next(it),)))
+        for _ in range(4):
+            step()
+        assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 2
+        assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 4
+        weights[name] = [v.numpy() for v in generator.trainable_variables + fake.trainable_variables]
+    assert max(np.abs(a - b).max() for a, b in zip(weights["default"], weights["mirrored"])) < 1e-5
