@@ -207,11 +207,14 @@ def main(argv):
                  f"--run_dir={os.path.join(out, name)}", f"--tract_steps_per_phase={d // phases}", *run)
             add(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1)
         disback_runs = {}
+        # The path is scaled to the budget: stage 1 records 4 nodes every d/6 steps, and stage 2 spends half of
+        # its d iterations walking back s'_3..s'_1 (d/6 each), the other half on the teacher.
         for name, path in (("disback", "on"), ("disback_path_off", "off")):
             run_dir = os.path.join(out, name)
             call("trainers.disback", "--flagfile=configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
-                 f"--run_dir={run_dir}", f"--disback_path={path}", f"--checkpoint_every={FLAGS.curve_every}",
-                 f"--keep_checkpoints={d // FLAGS.curve_every + 1}", *run)
+                 f"--run_dir={run_dir}", f"--disback_path={path}", "--disback_num_nodes=4",
+                 f"--disback_record_every={max(d // 6, 1)}", f"--disback_node_iterations={max(d // 6, 1)}",
+                 f"--checkpoint_every={FLAGS.curve_every}", f"--keep_checkpoints={d // FLAGS.curve_every + 1}", *run)
             label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
             add(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1])
             disback_runs[label] = run_dir
