@@ -70,6 +70,13 @@ def latest_checkpoint(run_dir):
     return os.path.join(run_dir, "checkpoints", os.path.basename(name))
 
 
+def train(module, run_dir, steps, *args):
+    """`python -m module --run_dir=run_dir args`, unless the run already holds its final checkpoint ckpt-<steps>
+    (starting TF and the trainer only to find it finished costs ~30 s per run here)."""
+    if os.path.basename(latest_checkpoint(run_dir) or "") != f"ckpt-{steps}":
+        call(module, f"--run_dir={run_dir}", *args)
+
+
 def evaluate(run_dir, head, nfes=None, checkpoint=None, out_dir=None, num_samples=None):
     """trainers.evaluate's JSON for a run (its latest checkpoint by default); reused when the same checkpoint
     was already evaluated with the same NFEs and sample count."""
@@ -177,7 +184,7 @@ def main(argv):
 
     for name, args, order in methods:
         run_dir = os.path.join(out, name)
-        call("trainers.cud", *common, *args, f"--run_dir={run_dir}")
+        train("trainers.cud", run_dir, FLAGS.train_steps, *common, *args)
         for head in sorted({1, order}):
             add(name if head == 1 else f"{name} (head g_{head})", run_dir, head)
     cud_rows = [r for r in rows if r["method"].startswith("cud")]
@@ -185,11 +192,10 @@ def main(argv):
         sys.exit("error: --orders is empty; the one-step stage needs a CUD model")
     best = min(cud_rows, key=lambda r: r["distance"][str(min(nfes))])
     onestep_dir = os.path.join(out, "onestep")
-    call("trainers.onestep", f"--flagfile={FLAGS.onestep_flagfile}", f"--init_run_dir={best['run_dir']}",
-                   f"--run_dir={onestep_dir}", f"--train_steps={FLAGS.onestep_steps}",
-                   f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
-                   f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
-                   *FLAGS.train_flag)
+    train("trainers.onestep", onestep_dir, FLAGS.onestep_steps, f"--flagfile={FLAGS.onestep_flagfile}",
+          f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
+          f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
+          f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress", *FLAGS.train_flag)
     add(f"{best['method']} + one-step stage", onestep_dir, best["head"])
 
     curves = {}
@@ -203,18 +209,19 @@ def main(argv):
         for name, flagfile, phases in (("tract", "tract_mnist.cfg", 2), ("btd", "btd_mnist.cfg", 10)):
             if d % phases:
                 sys.exit(f"error: --distill_steps={d} does not split into {phases} phases")
-            call("trainers.tract", f"--flagfile=configs/{flagfile}", f"--tract_teacher_run_dir={teacher}",
-                 f"--run_dir={os.path.join(out, name)}", f"--tract_steps_per_phase={d // phases}", *run)
+            train("trainers.tract", os.path.join(out, name), d, f"--flagfile=configs/{flagfile}",
+                  f"--tract_teacher_run_dir={teacher}", f"--tract_steps_per_phase={d // phases}", *run)
             add(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1)
         disback_runs = {}
         # The path is scaled to the budget: stage 1 records 4 nodes every d/6 steps, and stage 2 spends half of
         # its d iterations walking back s'_3..s'_1 (d/6 each), the other half on the teacher.
         for name, path in (("disback", "on"), ("disback_path_off", "off")):
             run_dir = os.path.join(out, name)
-            call("trainers.disback", "--flagfile=configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
-                 f"--run_dir={run_dir}", f"--disback_path={path}", "--disback_num_nodes=4",
-                 f"--disback_record_every={max(d // 6, 1)}", f"--disback_node_iterations={max(d // 6, 1)}",
-                 f"--checkpoint_every={FLAGS.curve_every}", f"--keep_checkpoints={d // FLAGS.curve_every + 1}", *run)
+            train("trainers.disback", run_dir, d, "--flagfile=configs/disback_mnist.cfg",
+                  f"--disback_teacher_run_dir={teacher}", f"--disback_path={path}", "--disback_num_nodes=4",
+                  f"--disback_record_every={max(d // 6, 1)}", f"--disback_node_iterations={max(d // 6, 1)}",
+                  f"--checkpoint_every={FLAGS.curve_every}", f"--keep_checkpoints={d // FLAGS.curve_every + 1}",
+                  *run)
             label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
             add(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1])
             disback_runs[label] = run_dir

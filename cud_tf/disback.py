@@ -104,8 +104,9 @@ class DegradationPath:
             if not tf.io.gfile.exists(os.path.join(self.directory, n["checkpoint"]) + ".index"):
                 raise PathError(f"node {n['index']} of {self.directory} is listed but its checkpoint is missing")
 
-    def load_node(self, index: int, net):
-        """Reads node `index` into `net` (same architecture) and checks the weights against the manifest."""
+    def load_node(self, index: int, net) -> str:
+        """Reads node `index` into `net` (same architecture), checks the weights against the manifest and
+        returns their fingerprint."""
         entry = {n["index"]: n for n in self.nodes()}.get(index)
         if entry is None:
             raise PathError(f"{self.directory} has no node {index}; rerun stage 1")
@@ -116,6 +117,7 @@ class DegradationPath:
             raise PathError(f"cannot read path node {prefix}: {str(e).splitlines()[0]}") from None
         if fingerprint(net) != entry["sha256"]:
             raise PathError(f"the weights read from {prefix} differ from those recorded in {self.manifest_path}")
+        return entry["sha256"]
 
 
 def node_schedule(num_nodes: int, node_iterations: Sequence[int]) -> List[tuple]:
@@ -188,7 +190,9 @@ class DisbackModel(DiffusionModel):
         return tf.cond(self.is_generator_step(step), lambda: generator_step(batch, step, replica_id, num_replicas),
                        lambda: fake_step(batch, step, replica_id, num_replicas))
 
-    def set_target(self, path: DegradationPath, node: int):
-        """Loads path node `node` into the target network (verified against the manifest)."""
-        path.load_node(node, self.target)
+    def set_target(self, path: DegradationPath, node: int) -> str:
+        """Loads path node `node` into the target network (verified against the manifest); returns its
+        fingerprint."""
+        sha256 = path.load_node(node, self.target)
         self.target_node = node
+        return sha256

@@ -148,6 +148,43 @@ def arch_dict(net_cfg, encoder: bool):
     return json.loads(json.dumps(d))
 
 
+def describe_network(net_cfg, dropout=None):
+    """Sets the network flags from a teacher's UNetConfig, so that flags.txt describes the run's network."""
+    FLAGS.channels, FLAGS.channel_mult = net_cfg.base_channels, list(map(str, net_cfg.channel_mult))
+    FLAGS.num_res_blocks, FLAGS.attn_resolutions = net_cfg.num_res_blocks, list(map(str, net_cfg.attn_resolutions))
+    FLAGS.mid_attention, FLAGS.cskip, FLAGS.num_classes = net_cfg.mid_attention, net_cfg.cskip, net_cfg.num_classes
+    FLAGS.dropout = net_cfg.dropout if dropout is None else dropout
+
+
+def load_distillation_teacher(teacher_run_dir, names):
+    """What TRACT and DisBack share before training: determinism, precision, the strategy, and networks
+    `names` holding the teacher run's EMA weights with dropout off (it holds no weights, so the architecture
+    stays the teacher's), checked against the data set and --sample_head.
+
+    Returns (strategy, {name: VelocityUNet}, run_dirs.LoadedRun, DataConfig, image shape)."""
+    import keras
+    import tensorflow as tf
+    from cud_tf import data, distill, training
+
+    tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    strategy = training.make_strategy(FLAGS.strategy)
+    if FLAGS.global_batch_size % strategy.num_replicas_in_sync:
+        raise flags.ValidationError(f"--global_batch_size={FLAGS.global_batch_size} is not divisible by the "
+                                    f"{strategy.num_replicas_in_sync} replicas")
+    nets, teacher_run = distill.load_teacher(teacher_run_dir, strategy, names, dropout=0.0)
+    net_cfg = teacher_run.config
+    dcfg = data_config()
+    shape = data.image_shape(dcfg)
+    if tuple(shape) != tuple(net_cfg.image_shape):
+        raise flags.ValidationError(f"--dataset={FLAGS.dataset} has images {tuple(shape)} but the teacher was "
+                                    f"trained on {tuple(net_cfg.image_shape)}")
+    if FLAGS.sample_head > net_cfg.num_heads:
+        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the teacher has {net_cfg.num_heads} "
+                                    "head(s)")
+    return strategy, nets, teacher_run, dcfg, shape
+
+
 def prepare_run_dir(run_dir, arch: dict, chief: bool):
     """Before training: refuses a run directory of another architecture, then (chief only) writes arch.json
     and flags.txt. Runs after every other check, so that a bad command never overwrites an earlier run's

@@ -118,10 +118,7 @@ def record_path(teacher_net, cfg, strategy, dcfg, log):
 
 def run(log=print):
     """Loads the teacher, runs stage 1 (unless --disback_path=off) and stage 2; returns stage 2's last metrics."""
-    import keras
-    import tensorflow as tf
-
-    from cud_tf import data, disback, distill, solvers, training
+    from cud_tf import data, disback, solvers, training
 
     if not FLAGS.run_dir:
         raise flags.ValidationError("--run_dir is required (where the path, checkpoints and samples go)")
@@ -132,41 +129,17 @@ def run(log=print):
     solvers.get_tableau(FLAGS.sample_method)
     schedule = node_schedule()
 
-    tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
-    strategy = training.make_strategy(FLAGS.strategy)
-    if FLAGS.global_batch_size % strategy.num_replicas_in_sync:
-        raise flags.ValidationError(f"--global_batch_size={FLAGS.global_batch_size} is not divisible by the "
-                                    f"{strategy.num_replicas_in_sync} replicas")
-    # Dropout off in every network (it holds no weights: the architecture stays the teacher's).
-    nets, teacher_run = distill.load_teacher(FLAGS.disback_teacher_run_dir, strategy,
-                                             ("velocity", "fake", "target"), dropout=0.0)
+    strategy, nets, teacher_run, dcfg, shape = common.load_distillation_teacher(
+        FLAGS.disback_teacher_run_dir, ("velocity", "fake", "target"))
     net_cfg = nets["velocity"].config
-    dcfg = common.data_config()
-    shape = data.image_shape(dcfg)
-    if tuple(shape) != tuple(net_cfg.image_shape):
-        raise flags.ValidationError(f"--dataset={FLAGS.dataset} has images {tuple(shape)} but the teacher was "
-                                    f"trained on {tuple(net_cfg.image_shape)}")
-    if FLAGS.sample_head > net_cfg.num_heads:
-        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the teacher has {net_cfg.num_heads} "
-                                    "head(s)")
     cfg = disback_config(net_cfg.num_classes)
-    # flags.txt describes this run: the teacher's network.
-    FLAGS.channels, FLAGS.channel_mult, FLAGS.num_res_blocks = net_cfg.base_channels, list(
-        map(str, net_cfg.channel_mult)), net_cfg.num_res_blocks
-    FLAGS.attn_resolutions, FLAGS.mid_attention = list(map(str, net_cfg.attn_resolutions)), net_cfg.mid_attention
-    FLAGS.dropout, FLAGS.cskip, FLAGS.num_classes = 0.0, net_cfg.cskip, net_cfg.num_classes
+    common.describe_network(net_cfg, dropout=0.0)  # flags.txt describes this run's networks
     path_on = FLAGS.disback_path == "on"
     arch = dict(common.arch_dict(net_cfg, False), disback_path=FLAGS.disback_path,
                 disback_num_nodes=FLAGS.disback_num_nodes if path_on else 0,
                 disback_record_every=FLAGS.disback_record_every if path_on else 0)
-    try:
-        os.makedirs(FLAGS.run_dir, exist_ok=True)
-        training.check_architecture(FLAGS.run_dir, arch)  # before flags.txt: a refused resume overwrites nothing
-        common.write_flags(FLAGS.run_dir)
-    except OSError as e:
-        raise training.TrainingError(f"cannot write the run directory {FLAGS.run_dir}: {e.strerror}; "
-                                     "choose a writable --run_dir") from None
+    chief = training.is_chief(strategy)
+    common.prepare_run_dir(FLAGS.run_dir, arch, chief)
 
     path = None
     if path_on:
@@ -183,7 +156,6 @@ def run(log=print):
                                      nonfinite=FLAGS.nonfinite, fake_optim_cfg=fake_optim,
                                      jit_compile=FLAGS.jit_compile)
     switches_path = os.path.join(FLAGS.run_dir, "target_switches.jsonl")
-    chief = training.is_chief(strategy)
 
     def switch_target(step):
         if step >= FLAGS.train_steps:
@@ -191,13 +163,12 @@ def run(log=print):
         node = disback.target_node(step, schedule) if path_on else 0
         if node == model.target_node:
             return
-        if path_on:
-            model.set_target(path, node)
+        sha256 = model.set_target(path, node) if path_on else disback.fingerprint(model.target)
         model.target_node = node
         log(f"DisBack stage 2: target s'_{node} from iteration {step}")
         if chief:
             with open(switches_path, "a") as f:
-                f.write(json.dumps(dict(iteration=step, node=node, sha256=disback.fingerprint(model.target))) + "\n")
+                f.write(json.dumps(dict(iteration=step, node=node, sha256=sha256)) + "\n")
 
     plan = ", ".join(f"s'_{node} from {first}" for first, node in schedule)
     log(f"DisBack stage 2 (path {FLAGS.disback_path}): teacher {teacher_run.checkpoint}; targets {plan}; "

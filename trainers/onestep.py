@@ -143,10 +143,7 @@ def run(log=print):
         raise flags.ValidationError(f"--onestep_head={FLAGS.onestep_head} but {FLAGS.init_run_dir} has "
                                     f"{cfg.num_heads} head(s)")
     # flags.txt describes this run: the teacher's network and data.
-    FLAGS.channels, FLAGS.channel_mult, FLAGS.num_res_blocks = cfg.base_channels, list(
-        map(str, cfg.channel_mult)), cfg.num_res_blocks
-    FLAGS.attn_resolutions, FLAGS.mid_attention = list(map(str, cfg.attn_resolutions)), cfg.mid_attention
-    FLAGS.dropout, FLAGS.cskip, FLAGS.num_classes = cfg.dropout, cfg.cskip, cfg.num_classes
+    common.describe_network(cfg)
     FLAGS.sample_head = FLAGS.onestep_head
     for name in ("dataset", "data_dir"):
         if not FLAGS[name].present and name in init.flags:

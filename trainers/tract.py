@@ -71,9 +71,6 @@ def tract_config(num_classes):
 
 def run():
     """Loads the teacher, builds the TRACT model from the flags and trains; returns the last metrics."""
-    import keras
-    import tensorflow as tf
-
     from cud_tf import data, distill, solvers, training
 
     if not FLAGS.run_dir:
@@ -85,35 +82,15 @@ def run():
     solvers.get_tableau(FLAGS.sample_method)
     schedule()
 
-    tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
-    strategy = training.make_strategy(FLAGS.strategy)
-    if FLAGS.global_batch_size % strategy.num_replicas_in_sync:
-        raise flags.ValidationError(f"--global_batch_size={FLAGS.global_batch_size} is not divisible by the "
-                                    f"{strategy.num_replicas_in_sync} replicas")
-    # The student, the teacher and the self-teacher all start from the teacher run's EMA weights. Dropout off,
-    # as in the TRACT reference code (it holds no weights, so the architecture is the teacher's).
-    nets, teacher_run = distill.load_teacher(FLAGS.tract_teacher_run_dir, strategy,
-                                             ("velocity", "teacher", "self_teacher"), dropout=0.0)
+    # The student, the teacher and the self-teacher all start from the teacher run's EMA weights, dropout off
+    # as in the TRACT reference code.
+    strategy, nets, teacher_run, dcfg, shape = common.load_distillation_teacher(
+        FLAGS.tract_teacher_run_dir, ("velocity", "teacher", "self_teacher"))
     net_cfg = nets["velocity"].config
-    dcfg = common.data_config()
-    shape = data.image_shape(dcfg)
-    if tuple(shape) != tuple(net_cfg.image_shape):
-        raise flags.ValidationError(f"--dataset={FLAGS.dataset} has images {tuple(shape)} but the teacher was "
-                                    f"trained on {tuple(net_cfg.image_shape)}")
-    if FLAGS.sample_head > net_cfg.num_heads:
-        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the teacher has {net_cfg.num_heads} "
-                                    "head(s)")
     cfg = tract_config(net_cfg.num_classes)
     arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
                 tract_steps_per_phase=cfg.steps_per_phase)
-    try:
-        os.makedirs(FLAGS.run_dir, exist_ok=True)
-        training.check_architecture(FLAGS.run_dir, arch)  # before flags.txt: a refused resume overwrites nothing
-        common.write_flags(FLAGS.run_dir)
-    except OSError as e:
-        raise training.TrainingError(f"cannot write the run directory {FLAGS.run_dir}: {e.strerror}; "
-                                     "choose a writable --run_dir") from None
+    common.prepare_run_dir(FLAGS.run_dir, arch, training.is_chief(strategy))
 
     with strategy.scope():
         model = distill.TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg,
