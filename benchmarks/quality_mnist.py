@@ -74,7 +74,7 @@ def train(module, run_dir, steps, *args):
     """`python -m module --run_dir=run_dir args`, unless the run already holds its final checkpoint ckpt-<steps>
     (starting TF and the trainer only to find it finished costs ~30 s per run here)."""
     if os.path.basename(latest_checkpoint(run_dir) or "") != f"ckpt-{steps}":
-        call(module, f"--run_dir={run_dir}", *args)
+        call(module, *args, f"--run_dir={run_dir}")  # last: a flagfile among args sets its own --run_dir
 
 
 def evaluate(run_dir, head, nfes=None, checkpoint=None, out_dir=None, num_samples=None):
@@ -191,7 +191,8 @@ def main(argv):
     if not cud_rows:
         sys.exit("error: --orders is empty; the one-step stage needs a CUD model")
     best = min(cud_rows, key=lambda r: r["distance"][str(min(nfes))])
-    onestep_dir = os.path.join(out, "onestep")
+    # Named after its source so that a rerun whose best CUD model changed trains a new one-step stage.
+    onestep_dir = os.path.join(out, f"onestep_{os.path.basename(best['run_dir'])}_g{best['head']}")
     train("trainers.onestep", onestep_dir, FLAGS.onestep_steps, f"--flagfile={FLAGS.onestep_flagfile}",
           f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
           f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
