@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the trainers set it (trainers/__init__.py), so in-process tests and trainer subprocesses run the same kernels.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
