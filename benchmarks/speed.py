@@ -221,6 +221,7 @@ def measure_network(flagfile, peaks, bench_flags):
     result["forward_img_per_s"] = FLAGS.batch_size / t_fwd
     # FLOPs from the graph for the forward pass and the RF steps; a CUD step adds its forward passes to them.
     result["forward_flops"] = graph_flops(fwd_graph.get_concrete_function(rs))
+    result["forward_img_per_s_at_fp32_peak"] = peaks["fp32"] * 1e9 / (result["forward_flops"] / FLAGS.batch_size)
     base_flops = {}
     for name in FLAGS.methods:
         profile = os.path.join(FLAGS.profile_dir, os.path.basename(flagfile)) if FLAGS.profile_dir and name == "rf" \
@@ -240,13 +241,15 @@ def measure_network(flagfile, peaks, bench_flags):
         print(f"{flagfile} {name}: {r['img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
     rf = result["train"].get("rf")
     if rf:
-        rf_enc = result["train"].get("rf+enc", rf)
         for name, r in result["train"].items():
             _, _, enc = parse_method(name)
-            base = rf_enc if enc else rf
+            base = result["train"].get("rf+enc") if enc else rf
             r["ratio_to_rf"] = r["seconds"] / rf["seconds"]
-            # Ideal: the RF step (with the encoder's pass when +enc) plus the step's extra forward passes.
-            r["ideal_ratio_to_rf"] = (base["seconds"] + r["passes"]["forward"] * t_fwd) / rf["seconds"]
+            r["flop_ratio_to_rf"] = r["flops"] / base_flops[("rf", False)]
+            # Ideal: the RF step (with the encoder's pass when +enc, so only when rf+enc was timed) plus the
+            # step's extra forward passes.
+            if base is not None:
+                r["ideal_ratio_to_rf"] = (base["seconds"] + r["passes"]["forward"] * t_fwd) / rf["seconds"]
         # Of the RF step: the forward pass, the backward pass, and the rest (all-reduce, clipping, AdamW + EMA).
         fb = rf["forward_backward_seconds"]
         result["rf_time_split"] = dict(forward=t_fwd / rf["seconds"], backward=(fb - t_fwd) / rf["seconds"],
@@ -274,14 +277,15 @@ def markdown(results, peaks):
                   f"{'XLA' if r['jit_compile'] else 'graph mode'}; forward pass (XLA) "
                   f"{r['forward_img_per_s']:.0f} img/s; input pipeline alone {r['input_pipeline_img_per_s']:.0f} "
                   "img/s", "",
-                  "| step | img/s | x RF time | ideal x | GFLOP/s | of fp32 peak | img/s at peak | graph-mode img/s | "
-                  "bf16 img/s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| step | img/s | x RF time | ideal x | x RF FLOPs | GFLOP/s | of fp32 peak | img/s at peak | "
+                  "graph-mode img/s | bf16 img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, t in r["train"].items():
             graph = r["train_graph"].get(name, {}).get("img_per_s")
             bf16 = r["train_bf16"].get(name, {}).get("img_per_s")
             lines.append(
                 f"| {name} | {t['img_per_s']:.1f} | {t.get('ratio_to_rf', float('nan')):.2f} | "
-                f"{t.get('ideal_ratio_to_rf', float('nan')):.2f} | {t['gflops_per_s']:.0f} | "
+                f"{t.get('ideal_ratio_to_rf', float('nan')):.2f} | {t.get('flop_ratio_to_rf', float('nan')):.2f} | "
+                f"{t['gflops_per_s']:.0f} | "
                 f"{t['fraction_of_fp32_peak']:.0%} | {t['img_per_s_at_fp32_peak']:.0f} | "
                 f"{'-' if graph is None else f'{graph:.1f}'} | {'-' if bf16 is None else f'{bf16:.1f}'} |")
         if "rf_time_split" in r:
@@ -290,7 +294,7 @@ def markdown(results, peaks):
                       f"update (all-reduce, clipping, AdamW + EMA) {split['update']:.0%}"]
         s = r["sampling_img_per_s"]
         lines += ["", f"Forward pass: {r['forward_flops'] / r['batch_size'] / 1e6:.0f} MFLOP per image, at most "
-                  f"{peaks['fp32'] * 1e9 / (r['forward_flops'] / r['batch_size']):.0f} img/s at the fp32 peak",
+                  f"{r['forward_img_per_s_at_fp32_peak']:.0f} img/s at the fp32 peak",
                   "", "| sampling (Euler, XLA) | batch 1 | batch " + str(r["batch_size"]) + " |", "|---|---|---|"]
         for n in (1, 8):
             big = s[f"nfe{n}_batch{r['batch_size']}"]
