@@ -44,11 +44,11 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from cud_tf import export, run_dirs, sampling, solvers
+    from cud_tf import export, run_dir, sampling, solvers
     from cud_tf.networks.unet import UNetConfig, VelocityUNet
 
     if FLAGS.run_dir:
-        net = run_dirs.load_run(FLAGS.run_dir).net
+        net = run_dir.load_run(FLAGS.run_dir).net
     else:
         net = VelocityUNet(UNetConfig(**QUICKSTART), name="velocity").build_variables()
     cfg = export.ExportConfig(sampler=FLAGS.sampler, max_images=max(int(b) for b in FLAGS.batches),

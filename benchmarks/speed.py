@@ -116,7 +116,7 @@ def build_model(net_cfg, method, order, enc, jit_compile):
     import dataclasses
 
     import keras
-    from cud_tf.model import DiffusionModel
+    from cud_tf.models.base import DiffusionModel
     from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
     from cud_tf.objectives import OBJECTIVES
     keras.utils.set_random_seed(0)

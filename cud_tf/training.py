@@ -1,6 +1,7 @@
-"""Our own training loop around `model.train_step` (ARCHITECTURE.md: `model.fit` fails under
-MultiWorkerMirroredStrategy in Keras 3.15): a tf.function around `strategy.run`, checkpoints with exact resume,
-TensorBoard scalars and sample grids, a progress bar, and a clean stop on SIGTERM (docs/distribution.md).
+"""Our own training loop around `model.train_step` (`model.fit` fails under MultiWorkerMirroredStrategy in
+Keras 3.15; docs/architecture.md): a tf.function around `strategy.run`, checkpoints with exact resume,
+TensorBoard scalars and sample grids, a progress bar, and a clean stop on SIGTERM or Ctrl-C
+(docs/distribution.md).
 
 Only the chief writes the run directory; every worker takes part in each step and each checkpoint save."""
 import dataclasses
@@ -15,7 +16,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from cud_tf import checkpointing, sampling, summaries
+from cud_tf import checkpointing, run_dir, sampling, summaries
 
 
 class TrainingError(RuntimeError):
@@ -61,6 +62,18 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"unknown strategy {name!r}; expected mirrored, multiworker, tpu or default")
 
 
+def setup_runtime(strategy_name: str, precision: str, global_batch_size: int) -> tf.distribute.Strategy:
+    """What every trainer does before building networks: op determinism (exact resume), the Keras dtype policy,
+    and the tf.distribute strategy, checked to split the global batch evenly. Returns the strategy."""
+    tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(precision)
+    strategy = make_strategy(strategy_name)
+    if global_batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"--global_batch_size={global_batch_size} is not divisible by the "
+                         f"{strategy.num_replicas_in_sync} replicas")
+    return strategy
+
+
 def _check_tf_config():
     """One clear line for a missing or malformed TF_CONFIG (the cluster of --strategy=multiworker)."""
     text = os.environ.get("TF_CONFIG")
@@ -89,36 +102,6 @@ def is_chief(strategy) -> bool:
         resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs)
 
 
-def check_architecture(run_dir, arch: dict, write: bool = True):
-    """Refuses a run directory of another architecture; writes `arch.json` (atomically) on the first run
-    when `write` (the chief)."""
-    path = os.path.join(run_dir, "arch.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), arch.get(k)) for k in set(old) | set(arch) if old.get(k) != arch.get(k)}
-        if diff:
-            detail = ", ".join(f"{k}: {a} in the checkpoint vs {b} now" for k, (a, b) in sorted(diff.items()))
-            hint = "pass the --dataset it was trained on, " if "image_shape" in diff else ""
-            raise TrainingError(
-                f"{run_dir} holds a checkpoint of another architecture ({detail}); {hint}use a new --run_dir, or "
-                f"resume with the same flags: --flagfile={os.path.join(run_dir, 'flags.txt')}")
-    elif write:
-        _write_atomically(path, lambda f: json.dump(arch, f, indent=1, sort_keys=True))
-
-
-def _write_atomically(path, write: Callable, mode="w"):
-    """Writes `path` through a temporary file and a rename, so that a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def sample_rows(net, image_shape, cfg: LoopConfig):
     """One row of generated images `[N, H, W, C]` per NFE of `cfg.sample_nfes`, from fixed noise."""
     z = tf.random.stateless_normal([cfg.num_sample_images, *image_shape], seed=[cfg.seed, 12345])
@@ -131,27 +114,37 @@ def sample_rows(net, image_shape, cfg: LoopConfig):
     return rows
 
 
+class Interrupted(TrainingError):
+    """Ctrl-C (SIGINT) stopped the run after saving a checkpoint; the trainer exits with status 130."""
+
+
 class _StopFlag:
-    """Set by SIGTERM; the loop saves at the next step boundary and returns (preemption). Installed for the
-    whole of `train`, so a SIGTERM during set-up (restore, tracing) also ends in a checkpoint, not a kill."""
+    """Set by SIGTERM or a first SIGINT; the loop saves at the next step boundary and returns (SIGTERM:
+    preemption) or raises Interrupted (SIGINT). A second SIGINT quits at once (KeyboardInterrupt). Installed for
+    the whole of `train`, so a signal during set-up (restore, tracing) also ends in a checkpoint, not a kill."""
 
     def __init__(self):
-        self.stop = False
-        self._previous = None
+        self.stop, self.signal = False, None
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.stop = True
+        if signum == signal.SIGINT and self.stop:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", flush=True)
+        self.stop, self.signal = True, self.signal or signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def checkpointed_variables(model):
@@ -178,7 +171,8 @@ def train(model, strategy, make_dist_dataset: Callable[[int], object], cfg: Loop
     make_dist_dataset(start_step) -> a distributed dataset positioned at that step. Returns the last metrics.
     on_step(k), on every worker, with the number k of completed steps: once after the restore and after each step
     (after its checkpoint): host-side schedules such as DisBack's path recording and target switches.
-    On SIGTERM (on any worker) every worker saves a checkpoint at the next step and returns. A non-finite
+    On SIGTERM or Ctrl-C (on any worker) every worker saves a checkpoint at the next step; SIGTERM then
+    returns, Ctrl-C raises Interrupted. A non-finite
     update is skipped (`nonfinite="skip"`) or raises TrainingError (`"stop"`) before anything is saved; weights
     that are not finite are never saved (TrainingError).
     """
@@ -187,13 +181,15 @@ def train(model, strategy, make_dist_dataset: Callable[[int], object], cfg: Loop
         chief = is_chief(strategy)
         if chief:
             os.makedirs(cfg.run_dir, exist_ok=True)
-        check_architecture(cfg.run_dir, arch, write=chief)
+        run_dir.check_architecture(cfg.run_dir, arch)
+        if chief and not os.path.exists(os.path.join(cfg.run_dir, run_dir.ARCH)):
+            run_dir.write_json(os.path.join(cfg.run_dir, run_dir.ARCH), run_dir.to_json(arch))
         checkpoint = tf.train.Checkpoint(**model.trackables())
         ckpt = checkpointing.Checkpointer(checkpoint, cfg.run_dir, chief, cfg.keep_checkpoints, log)
         try:
             return _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop,
                                on_step or (lambda k: None))
-        except checkpointing.CheckpointError as e:
+        except (checkpointing.CheckpointError, run_dir.RunError) as e:
             raise TrainingError(str(e)) from None
         finally:
             ckpt.close()
@@ -259,6 +255,10 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
         if preempted:
             if writer is not None:
                 writer.flush()
+            resume = f"--flagfile={os.path.join(cfg.run_dir, run_dir.FLAGS_FILE)}"
+            if stop.signal == signal.SIGINT:
+                raise Interrupted(f"interrupted: saved checkpoint {ckpt.latest} at step {step}; resume with "
+                                  f"the same command (or {resume})")
             log(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
             return metrics
         on_step(step)
@@ -303,4 +303,5 @@ def write_samples(model, image_shape, cfg: LoopConfig, writer, step, png):
         tmp = os.path.join(cfg.run_dir, f"samples.tmp{os.getpid()}.png")
         summaries.write_png(tmp, grid)
         os.replace(tmp, os.path.join(cfg.run_dir, "samples.png"))
-        _write_atomically(os.path.join(cfg.run_dir, "samples.npy"), lambda f: np.save(f, np.stack(rows)), "wb")
+        run_dir.write_atomically(os.path.join(cfg.run_dir, "samples.npy"), lambda f: np.save(f, np.stack(rows)),
+                                 "wb")

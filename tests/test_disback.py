@@ -9,8 +9,9 @@ from absl import flags
 from absl.testing import flagsaver
 
 from conftest import tiny_unet_config
-from cud_tf import disback
-from cud_tf.model import OptimConfig, clone_network
+from cud_tf import disback_path as disback
+from cud_tf.models.base import OptimConfig, clone_network
+from cud_tf.models.disback import DisbackModel
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import disback as objective
 from trainers import cud as cud_trainer
@@ -126,7 +127,7 @@ def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path)
     path = disback.DegradationPath(str(tmp_path / "path"))
     path.write_node(0, 0, target)
     cfg = objective.DisbackConfig(fake_updates_per_generator=3)
-    model = disback.DisbackModel(generator, fake, target, cfg, OptimConfig(learning_rate=1e-3, ema_decay=0.5),
+    model = DisbackModel(generator, fake, target, cfg, OptimConfig(learning_rate=1e-3, ema_decay=0.5),
                                  global_batch_size=4)
     model.set_target(path, 0)
     images = np.zeros((4, 8, 8, 1), np.float32)
@@ -193,8 +194,8 @@ def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data
     path.check_complete(3)
     assert [n["step"] for n in path.nodes()] == [0, 2, 4, 6]
     assert len({n["sha256"] for n in path.nodes()}) == 4  # the degradation network moved between nodes
-    from cud_tf import run_dirs
-    teacher = run_dirs.load_run(teacher_dir)
+    from cud_tf import run_dir
+    teacher = run_dir.load_run(teacher_dir)
     assert path.nodes()[0]["sha256"] == disback.fingerprint(teacher.net)  # s'_0 is the teacher
 
     # Resume stage 2 from its flags: stage 1 is complete and is not rerun; the target keeps walking back.
@@ -213,7 +214,7 @@ def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data
     for a, (_, b) in zip(node0, disback.weight_items(teacher.net)):
         np.testing.assert_array_equal(a, b.numpy())
 
-    evaluated = run_dirs.load_run(run_dir)  # the evaluator's view: the generator's EMA weights
+    evaluated = run_dir.load_run(run_dir)  # the evaluator's view: the generator's EMA weights
     assert disback.fingerprint(evaluated.net) != disback.fingerprint(teacher.net)
     samples = np.load(os.path.join(run_dir, "samples.npy"))
     assert samples.shape == (1, 2, 28, 28, 1) and np.isfinite(samples).all()
@@ -263,7 +264,7 @@ def test_mirrored_two_cpus_equals_default(mirrored_strategy):
             for a, f, t in zip(generator.trainable_variables, fake.trainable_variables, target.trainable_variables):
                 f.assign(a + 0.05)
                 t.assign(a)
-            model = disback.DisbackModel(generator, fake, target, objective.DisbackConfig(fake_updates_per_generator=2),
+            model = DisbackModel(generator, fake, target, objective.DisbackConfig(fake_updates_per_generator=2),
                                          OptimConfig(learning_rate=1e-3), global_batch_size=4)
         batch = {"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int32)}
         it = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))

@@ -1,4 +1,5 @@
-"""Faults the trainer survives: preemption (SIGTERM) and SIGKILL with a bitwise-exact resume, non-finite losses,
+"""Faults the trainer survives: preemption (SIGTERM), Ctrl-C (SIGINT) and SIGKILL with a bitwise-exact resume, a
+second trainer on the same run directory, a resume with other settings, non-finite losses,
 gradients and weights that never reach a checkpoint, corrupted checkpoints, a full disk, and bad input."""
 import glob
 import json
@@ -17,7 +18,7 @@ from absl.testing import flagsaver
 
 from conftest import tiny_unet_config
 from cud_tf import training
-from cud_tf.model import DiffusionModel, OptimConfig
+from cud_tf.models.base import DiffusionModel, OptimConfig
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
 from trainers import cud as cud_trainer
@@ -60,8 +61,8 @@ def checkpoint_values(path):
             if "save_counter" not in name and "OBJECT_GRAPH" not in name}
 
 
-def test_sigkill_then_sigterm_resume_bitwise_exact(mnist_data_dir, tmp_path):
-    n = 20
+def test_sigkill_sigterm_sigint_resume_bitwise_exact(mnist_data_dir, tmp_path):
+    n = 24
     reference = start(tmp_path / "reference", mnist_data_dir, n)
     chain = str(tmp_path / "chain")
 
@@ -72,20 +73,33 @@ def test_sigkill_then_sigterm_resume_bitwise_exact(mnist_data_dir, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     resumed_at = latest_step(chain)
     assert resumed_at < n
+    assert json.loads(open(os.path.join(chain, "lock")).read())["pid"] == killed.pid  # left behind by the kill
 
     preempted = start(chain, mnist_data_dir, n)  # SIGTERM: saves at the next step and exits cleanly
     wait_for_checkpoint(chain, resumed_at + 4, preempted)
     preempted.send_signal(signal.SIGTERM)
     out, err = preempted.communicate(timeout=120)
     assert preempted.returncode == 0, err
+    assert "taking over the stale lock" in out and f"pid {killed.pid}" in out
     assert f"resumed from {chain}/checkpoints/ckpt-{resumed_at} at step {resumed_at}" in out
     stopped_at = int(re.search(r"SIGTERM: saved a checkpoint at step (\d+)", out).group(1))
     assert resumed_at + 4 <= stopped_at < n and latest_step(chain) == stopped_at
+    assert not os.path.exists(os.path.join(chain, "lock"))  # released on exit
+
+    interrupted = start(chain, mnist_data_dir, n)  # Ctrl-C: saves after the current step, exits 130
+    wait_for_checkpoint(chain, stopped_at + 4, interrupted)
+    interrupted.send_signal(signal.SIGINT)
+    out, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, err
+    saved = re.search(r"interrupted: saved checkpoint (\S+) at step (\d+); resume with the same command", err)
+    assert saved, err
+    interrupted_at = int(saved.group(2))
+    assert stopped_at + 4 <= interrupted_at < n and latest_step(chain) == interrupted_at
 
     finished = start(chain, mnist_data_dir, n)
     out, err = finished.communicate(timeout=240)
     assert finished.returncode == 0, err
-    assert f"at step {stopped_at}" in out
+    assert f"at step {interrupted_at}" in out
     out, err = reference.communicate(timeout=240)
     assert reference.returncode == 0, err
 
@@ -95,16 +109,33 @@ def test_sigkill_then_sigterm_resume_bitwise_exact(mnist_data_dir, tmp_path):
     assert sorted(ref) == sorted(got) and len(ref) > 20
     for name in ref:
         np.testing.assert_array_equal(ref[name], got[name], err_msg=name)
+    history = [json.loads(l) for l in open(os.path.join(chain, "history.jsonl"))]
+    assert len(history) == 4 and history[0]["changed"] == "created"  # each invocation that got the lock
+
+
+def test_a_second_trainer_on_a_locked_run_dir_exits_naming_the_holder(mnist_data_dir, tmp_path):
+    from cud_tf import run_dir
+    chain = str(tmp_path / "run")
+    os.makedirs(chain)
+    with run_dir.RunLock(chain, log=None):  # this process holds the run directory, as a running trainer does
+        second = start(chain, mnist_data_dir, 4)
+        _, err = second.communicate(timeout=120)
+        assert os.path.exists(os.path.join(chain, "lock"))
+    assert second.returncode == 2
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and f"is in use by pid {os.getpid()} on host" in errors[0], err
+    assert "wait for that trainer to end" in errors[0]
+    assert sorted(os.listdir(chain)) == []  # nothing written, and the holder's lock released on exit
 
 
 # ---- Library-level faults on a tiny 8x8 model: NaN batches, non-finite weights, checkpoints, disk. ----
 
-def build_model(nonfinite="skip", learning_rate=1e-3):
+def build_model(learning_rate=1e-3):
     with tf.distribute.get_strategy().scope():
         tf.keras.utils.set_random_seed(0)
         net = VelocityUNet(tiny_unet_config(dropout=0.2)).build_variables()
         return DiffusionModel(net, OBJECTIVES["rf"], ObjectiveConfig(), OptimConfig(learning_rate=learning_rate),
-                              global_batch_size=B, seed=1, nonfinite=nonfinite)
+                              global_batch_size=B, seed=1)
 
 
 def dataset(poisoned=()):

@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from conftest import tiny_unet_config
 from cud_tf import interpolants
-from cud_tf.model import DiffusionModel, OptimConfig
+from cud_tf.models.base import OptimConfig
+from cud_tf.models.cud import CudModel as DiffusionModel
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
 from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
 

@@ -9,8 +9,8 @@ from absl import flags
 from absl.testing import flagsaver
 
 from conftest import tiny_unet_config
-from cud_tf import distill
-from cud_tf.model import OptimConfig
+from cud_tf.models import tract as tract_model
+from cud_tf.models.base import OptimConfig, copy_weights
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import tract
 from trainers import cud as cud_trainer
@@ -94,13 +94,13 @@ def test_bias_corrected_ema_of_a_known_sequence():
     mu, thetas = 0.9, [3.0, -1.0, 4.0, 1.0, 5.0]
     avg = 123.0  # whatever the start: the first update copies
     for k, theta in enumerate(thetas, start=1):
-        avg = avg + float(distill.ema_rate(mu, k)) * (theta - avg)
+        avg = avg + float(tract_model.ema_rate(mu, k)) * (theta - avg)
         explicit = sum(mu ** (k - i) * (1 - mu) * th for i, th in enumerate(thetas[:k], start=1)) / (1 - mu ** k)
         assert avg == pytest.approx(explicit, rel=1e-6)
-    assert float(distill.ema_rate(mu, 1)) == 1.0
+    assert float(tract_model.ema_rate(mu, 1)) == 1.0
     # mu_I = 1e-3^(1/N): float32 would lose ~1% of (1 - mu) at N = 1e5; the rate is computed in float64.
     mu_i = tract.TractConfig(steps_per_phase=100000).inference_decay
-    assert float(distill.ema_rate(mu_i, 10 ** 9)) == pytest.approx(1 - mu_i, rel=1e-6)
+    assert float(tract_model.ema_rate(mu_i, 10 ** 9)) == pytest.approx(1 - mu_i, rel=1e-6)
 
 
 def test_schedule_is_checked():
@@ -145,8 +145,8 @@ def test_phase_switch_assigns_the_inference_ema_to_the_teacher_without_retracing
     tf.keras.utils.set_random_seed(0)
     nets = [VelocityUNet(net_cfg, name=n).build_variables() for n in ("velocity", "teacher", "self_teacher")]
     for n in nets[1:]:
-        distill.copy_weights(nets[0].trainable_variables, n.trainable_variables)
-    model = distill.TractModel(*nets, cfg, OptimConfig(learning_rate=1e-2), global_batch_size=4, seed=1,
+        copy_weights(nets[0].trainable_variables, n.trainable_variables)
+    model = tract_model.TractModel(*nets, cfg, OptimConfig(learning_rate=1e-2), global_batch_size=4, seed=1,
                                objective=counting_loss)
     images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
     it = iter(tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(4, np.int32)}).repeat())
@@ -188,9 +188,9 @@ def test_flagfiles_parse(name):
 
 def checkpoint_values(run_dir, step):
     """(phase, teacher weights, inference EMA weights) of checkpoint ckpt-<step>, in network variable order."""
-    from cud_tf import run_dirs
+    from cud_tf import run_dir
     path = os.path.join(run_dir, "checkpoints", f"ckpt-{step}")
-    ema = run_dirs.load_run(run_dir, checkpoint=path)  # the optimizer's EMA slots: the inference EMA
+    ema = run_dir.load_run(run_dir, checkpoint=path)  # the optimizer's EMA slots: the inference EMA
     teacher = VelocityUNet(ema.config, name="teacher").build_variables()
     phase = tf.Variable(-1, dtype=tf.int64)
     tf.train.Checkpoint(teacher_weights=list(teacher.trainable_variables), phase=phase).restore(

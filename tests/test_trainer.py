@@ -93,14 +93,17 @@ def test_end_to_end_train_resume_sample(mnist_data_dir, tmp_path):
     # Another architecture in the same run directory is refused, and the checkpoints stay.
     with flagsaver.flagsaver():
         parse(f"--flagfile={run_dir}/flags.txt", "--train_steps=8", "--channels=16")
-        from cud_tf.training import TrainingError
-        with pytest.raises(TrainingError, match="another architecture"):
+        from cud_tf.run_dir import RunError
+        with pytest.raises(RunError, match="another architecture"):
             cud_trainer.run()
     assert "ckpt-6.index" in os.listdir(os.path.join(run_dir, "checkpoints"))
 
     # The run loads back (EMA weights by default) for evaluation, export and distillation.
-    from cud_tf import run_dirs
-    ema, train = run_dirs.load_run(run_dir), run_dirs.load_run(run_dir, weights="train")
-    assert ema.step == 6 and ema.config.num_heads == 2 and ema.flags["cud_order"] == "2"
+    from cud_tf import run_dir
+    ema, train = run_dir.load_run(run_dir), run_dir.load_run(run_dir, weights="train")
+    recorded = common.read_run_flags(run_dir)  # flags.txt read back by absl: booleans named "no..." included
+    assert ema.step == 6 and ema.config.num_heads == 2 and recorded["cud_order"] == 2
+    assert recorded["noise_encoder"] is True and recorded["progress"] is False
+    assert ema.run_config["noise_encoder"] is True and ema.run_config["objective"]["order"] == 2
     assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in
                zip(ema.net.trainable_variables, train.net.trainable_variables))

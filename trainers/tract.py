@@ -6,7 +6,7 @@ the network flags and --ema_decay are not used (the inference EMA decay follows 
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
 from trainers import common
 
@@ -14,23 +14,25 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
+    from cud_tf.objectives.tract import TractConfig as C
+
     common.define_flags()
-    t, d = common._track, flags
+    t, d, dv = common.define, flags, common.default
     t(d.DEFINE_string, "tract_teacher_run_dir", None, "Run directory of the teacher (a CUD or RF run of this "
       "project); its EMA weights are the teacher and the student's initialisation.")
-    t(d.DEFINE_list, "tract_schedule", ["1024", "32", "1"], "Step counts T_0 > T_1 > ... (each a multiple of the "
+    t(d.DEFINE_list, "tract_schedule", dv(C, "schedule"), "Step counts T_0 > T_1 > ... (each a multiple of the "
       "next); phase p distils T_p teacher steps into T_{p+1}. Binary time distillation: 1024,512,...,2,1.")
     t(d.DEFINE_integer, "tract_steps_per_phase", None, "Training steps per phase (default: --train_steps split "
       "equally over the phases). --train_steps below the schedule's end stops early; rerun to continue.",
       lower_bound=1)
-    t(d.DEFINE_enum, "tract_teacher_solver", "euler", ["euler", "heun"], "The teacher's one step of size 1/T_p.")
-    t(d.DEFINE_enum, "tract_weight", "none", ["none", "truncated_snr"],
+    t(d.DEFINE_enum, "tract_teacher_solver", dv(C, "teacher_solver"), ["euler", "heun"], "The teacher's one step of size 1/T_p.")
+    t(d.DEFINE_enum, "tract_weight", dv(C, "weight"), ["none", "truncated_snr"],
       "Per-example loss weight: none, or TRACT's truncated SNR mapped to velocity space, max(t^2, (1-t)^2).")
-    t(d.DEFINE_float, "tract_teacher_guidance", 1.0, "Classifier-free guidance scale w of a class-conditional "
+    t(d.DEFINE_float, "tract_teacher_guidance", dv(C, "teacher_guidance"), "Classifier-free guidance scale w of a class-conditional "
       "teacher in the first phase (the student learns the guided velocity); 1 = unguided.", lower_bound=0.0)
-    t(d.DEFINE_float, "tract_self_teacher_decay", 0.5, "EMA decay mu_S of the self-teacher.",
+    t(d.DEFINE_float, "tract_self_teacher_decay", dv(C, "self_teacher_decay"), "EMA decay mu_S of the self-teacher.",
       lower_bound=0.0, upper_bound=1.0)
-    t(d.DEFINE_float, "tract_ema_residual", 1e-3, "The inference EMA decay is mu_I = residual^(1/steps_per_phase) "
+    t(d.DEFINE_float, "tract_ema_residual", dv(C, "ema_residual"), "The inference EMA decay is mu_I = residual^(1/steps_per_phase) "
       "(bias-corrected); it becomes the teacher at each phase boundary.", lower_bound=0.0, upper_bound=1.0)
 
 
@@ -46,24 +48,25 @@ def schedule():
 
 
 def tract_config(num_classes):
-    """TractConfig from the flags; resolves --tract_steps_per_phase (written back so flags.txt repeats the run)."""
+    """TractConfig from the flags; --tract_steps_per_phase defaults to --train_steps split over the phases (the
+    resolved value is in the run's config.json, which a resume must match)."""
     from cud_tf.objectives import tract
     phases = len(schedule()) - 1
-    if FLAGS.tract_steps_per_phase is None:
+    per_phase = FLAGS.tract_steps_per_phase
+    if per_phase is None:
         if FLAGS.train_steps % phases:
             raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} does not split into {phases} equal "
                                         "phases; set --tract_steps_per_phase")
-        FLAGS.tract_steps_per_phase = FLAGS.train_steps // phases
-    total = phases * FLAGS.tract_steps_per_phase
+        per_phase = FLAGS.train_steps // phases
+    total = phases * per_phase
     if FLAGS.tract_teacher_guidance != 1.0 and not num_classes:
         raise flags.ValidationError(f"--tract_teacher_guidance={FLAGS.tract_teacher_guidance} needs a class-"
                                     "conditional teacher; this teacher is unconditional (leave it at 1)")
     if FLAGS.train_steps > total:
         raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} goes past the schedule's end at step "
-                                    f"{total} ({phases} phases of --tract_steps_per_phase="
-                                    f"{FLAGS.tract_steps_per_phase})")
+                                    f"{total} ({phases} phases of --tract_steps_per_phase={per_phase})")
     return tract.TractConfig(
-        schedule=schedule(), steps_per_phase=FLAGS.tract_steps_per_phase, teacher_solver=FLAGS.tract_teacher_solver,
+        schedule=schedule(), steps_per_phase=per_phase, teacher_solver=FLAGS.tract_teacher_solver,
         weight=FLAGS.tract_weight, head=FLAGS.sample_head, self_teacher_decay=FLAGS.tract_self_teacher_decay,
         ema_residual=FLAGS.tract_ema_residual, label_dropout=FLAGS.label_dropout if num_classes else 0.0,
         teacher_guidance=FLAGS.tract_teacher_guidance)
@@ -71,15 +74,12 @@ def tract_config(num_classes):
 
 def run():
     """Loads the teacher, builds the TRACT model from the flags and trains; returns the last metrics."""
-    from cud_tf import data, distill, solvers, training
+    from cud_tf import data, training
+    from cud_tf.models.tract import TractModel
 
-    if not FLAGS.run_dir:
-        raise flags.ValidationError("--run_dir is required (where checkpoints, events and samples go)")
-    if not FLAGS.tract_teacher_run_dir:
-        raise flags.ValidationError("--tract_teacher_run_dir is required (a run directory of trainers.cud)")
+    common.require(run_dir=FLAGS.run_dir, tract_teacher_run_dir=FLAGS.tract_teacher_run_dir)
     if os.path.abspath(FLAGS.tract_teacher_run_dir) == os.path.abspath(FLAGS.run_dir):
         raise flags.ValidationError("--run_dir must differ from --tract_teacher_run_dir (the teacher stays intact)")
-    solvers.get_tableau(FLAGS.sample_method)
     schedule()
 
     # The student, the teacher and the self-teacher all start from the teacher run's EMA weights, dropout off
@@ -90,28 +90,31 @@ def run():
     cfg = tract_config(net_cfg.num_classes)
     arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
                 tract_steps_per_phase=cfg.steps_per_phase)
-    common.prepare_run_dir(FLAGS.run_dir, arch, training.is_chief(strategy))
-
-    with strategy.scope():
-        model = distill.TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg,
-                                   common.optim_config(), global_batch_size=FLAGS.global_batch_size,
-                                   seed=FLAGS.seed, nonfinite=FLAGS.nonfinite, jit_compile=FLAGS.jit_compile)
-    steps = " -> ".join(map(str, cfg.schedule))
-    print(f"TRACT: {steps} sampler steps in {cfg.num_phases} phase(s) of {cfg.steps_per_phase} training steps; "
-          f"teacher {teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")
-    return training.train(
-        model, strategy,
-        lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
-        common.loop_config(), arch, shape)
+    config = common.recorded_config("tract", net_cfg, objective=cfg,
+                                    teacher=dict(run_dir=os.path.abspath(FLAGS.tract_teacher_run_dir),
+                                                 checkpoint=os.path.basename(teacher_run.checkpoint)))
+    with common.claimed_run_dir(arch, config, training.is_chief(strategy)):
+        with strategy.scope():
+            model = TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg, common.optim_config(),
+                               global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
+                               jit_compile=FLAGS.jit_compile)
+        steps = " -> ".join(map(str, cfg.schedule))
+        print(f"TRACT: {steps} sampler steps in {cfg.num_phases} phase(s) of {cfg.steps_per_phase} training "
+              f"steps; teacher {teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")
+        return training.train(
+            model, strategy,
+            lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
+            common.loop_config(), arch, shape)
 
 
 def main(argv):
     from cud_tf.data import DataNotPreparedError
-    from cud_tf.run_dirs import RunError
-    from cud_tf.training import TrainingError
-    common.run_or_fail(argv, run, TrainingError, DataNotPreparedError, RunError)
+    common.run_or_fail(argv, run, DataNotPreparedError)
+
+
+def cli():
+    common.cli(define_flags, main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli()

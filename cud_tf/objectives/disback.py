@@ -4,7 +4,7 @@ path (ALGORITHMS.md section 4).
 Stage 1 (`degradation_loss`) fits a copy of the teacher to samples of the frozen initial generator G^0; stage 2
 (`loss`, `fake_loss`) trains the generator with the distribution-matching gradient against a target network and
 keeps the fake network fitting the generator's samples. Which path node is the target, and on which steps the
-generator is updated, is decided outside (`cud_tf.disback`): these functions see the networks they are given.
+generator is updated, is decided outside (`cud_tf.models.disback`, `cud_tf.disback_path`): these functions see the networks they are given.
 """
 import dataclasses
 
@@ -29,7 +29,6 @@ class DisbackConfig:
     head: int = 1  # the head of the teacher (and path) that the generator distils
     label_dropout: float = 0.0  # null-label probability, so that the unconditional branches follow too
     eps: float = interpolants.EPS
-    catchup_model: str = "train"  # read by DiffusionModel.train_step; DisBack never uses the catch-up EMA
     distance: str = "mse"
 
     def __post_init__(self):

@@ -2,7 +2,7 @@
 
 Phase p distils T_p teacher steps into T_{p+1} student steps (ALGORITHMS.md section 3). The phase is a function
 of the step, so one traced train step serves every phase; the teacher and self-teacher weights are swapped
-in by the model (`cud_tf.distill.TractModel`), never here.
+in by the model (`cud_tf.models.tract.TractModel`), never here.
 """
 import dataclasses
 
@@ -39,7 +39,6 @@ class TractConfig:
     ema_residual: float = 1e-3  # the inference EMA decay is mu_I = ema_residual^(1 / steps_per_phase)
     label_dropout: float = 0.0  # null-label probability for a class-conditional teacher
     teacher_guidance: float = 1.0  # classifier-free guidance of the original teacher (phase 0); 1 = unguided
-    catchup_model: str = "train"  # read by DiffusionModel.train_step; TRACT never uses the catch-up EMA
     distance: str = "mse"
 
     def __post_init__(self):

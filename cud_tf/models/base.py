@@ -4,6 +4,11 @@ It reduces the objective's per-example losses per optimizer group with `tf.nn.co
 all-reduces the gradients once, checks that they are finite, clips them by global norm, applies them with
 AdamW (whose `use_ema` keeps the EMA of the weights) and returns per-replica metric contributions that the
 training loop sums across replicas.
+
+What a method adds goes through public hooks, never through the step itself (docs/architecture.md):
+`prepare_step()` before the losses and `finish_step(applied)` after the update (both in cross-replica
+context, where mirrored variables may be assigned), `active_groups(step)` for optimizer groups updated on
+some steps only, and `losses_and_grads(...)` for a method that chooses between objectives per step.
 """
 import dataclasses
 from typing import Callable, Dict, Optional
@@ -13,7 +18,7 @@ import tensorflow as tf
 
 from cud_tf import interpolants
 from cud_tf.networks.unet import VelocityUNet, checkpoint_variables
-from cud_tf.objectives.common import Nets, ObjectiveConfig
+from cud_tf.objectives.common import Nets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,15 @@ def ema_variables(optimizer):
     return optimizer._model_variables_moving_average
 
 
+def copy_weights(source, target):
+    """Assigns the weights of one variable list to another of the same architecture (same shapes, order)."""
+    src, dst = list(source), list(target)
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst)):
+        raise ValueError("cannot copy weights between networks of different architectures")
+    for a, b in zip(src, dst):
+        b.assign(a)
+
+
 def clone_network(net: VelocityUNet, name):
     """A structurally identical network (for EMA weights, teachers, targets), with its variables built."""
     return VelocityUNet(net.config, name=name).build_variables()
@@ -68,17 +82,15 @@ class DiffusionModel(keras.Model):
     all-reduce, clipping and update stay outside it.
     """
 
-    def __init__(self, net: VelocityUNet, objective: Callable, objective_cfg: ObjectiveConfig,
-                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0,
-                 encoder: Optional[VelocityUNet] = None, nonfinite: str = "skip",
+    def __init__(self, net: VelocityUNet, objective: Callable, objective_cfg, optim_cfg: OptimConfig,
+                 global_batch_size: int, seed: int = 0, encoder: Optional[VelocityUNet] = None,
                  extra_nets: Optional[Dict[str, VelocityUNet]] = None, groups: Optional[Dict[str, list]] = None,
                  optim_cfgs: Optional[Dict[str, OptimConfig]] = None, jit_compile: bool = False, **kw):
         super().__init__(**kw)
         self.net, self.encoder = net, encoder
         self.objective, self.objective_cfg = objective, objective_cfg
-        self.global_batch_size, self.seed, self.nonfinite = global_batch_size, seed, nonfinite
-        self._losses_and_grads_fn = tf.function(self._losses_and_grads, jit_compile=True) if jit_compile else (
-            self._losses_and_grads)
+        self.global_batch_size, self.seed, self.jit_compile = global_batch_size, seed, jit_compile
+        self._objective_steps = {}
         self.ema_net = clone_network(net, "ema_net")
         self._ema_targets = list(self.ema_net.trainable_variables)  # before freezing: then the list is empty
         self.ema_net.trainable = False
@@ -127,10 +139,9 @@ class DiffusionModel(keras.Model):
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
         step = tf.identity(self.step)
-        if self.objective_cfg.catchup_model == "ema":
-            ctx.merge_call(lambda _: self.sync_ema())  # mirrored variables are assigned in cross-replica context
+        ctx.merge_call(lambda _: self.prepare_step())  # mirrored variables are assigned in cross-replica context
         replica_id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-        metrics, local_grads = self._losses_and_grads_fn(batch, step, replica_id, n)
+        metrics, local_grads = self.losses_and_grads(batch, step, replica_id, n)
         grads, finite = {}, tf.constant(True)
         for g, local in local_grads.items():
             grads[g] = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # the global-batch gradient
@@ -141,22 +152,50 @@ class DiffusionModel(keras.Model):
                 grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
         self._apply_if_finite(finite, grads, self.active_groups(step))
         self.step.assign_add(1)
+        ctx.merge_call(lambda dist, f: self.finish_step(dist.experimental_local_results(f)[0]), args=(finite,))
         metrics["nonfinite"] = (1.0 - tf.cast(finite, tf.float32)) / n
         for g, opt in self.optimizers_by_group.items():
             metrics[f"lr_{g}"] = tf.cast(opt.learning_rate, tf.float32) / n
         return metrics
+
+    # -- Hooks for what a method adds (the defaults add nothing). --------------------------------------------
+
+    def prepare_step(self):
+        """Before the losses of every step, in cross-replica context: e.g. targets to refresh (CUD's catch-up
+        EMA, TRACT's teacher at a phase boundary)."""
+        return None
+
+    def finish_step(self, applied):
+        """After every step (`self.step` already counts it), in cross-replica context; `applied`: bool tensor,
+        false when the update was skipped for a non-finite gradient. E.g. EMAs of the student."""
+        return None
 
     def active_groups(self, step) -> Dict[str, tf.Tensor]:
         """{group: bool scalar} for groups updated only on some steps (default: every group, every step)."""
         del step
         return {}
 
-    def _losses_and_grads(self, batch, step, replica_id, num_replicas, objective=None):
-        """This replica's metric contributions {name: scalar} and local gradients {group: [grad per variable]};
-        a group without a loss in the objective's output gets zero gradients."""
+    def losses_and_grads(self, batch, step, replica_id, num_replicas):
+        """This replica's metric contributions {name: scalar} and local gradients {group: [grad per variable]}
+        for `self.objective`. A method that picks its objective per step overrides this and calls
+        `objective_step(objective)` for each choice."""
+        return self.objective_step(self.objective)(batch, step, replica_id, num_replicas)
+
+    def objective_step(self, objective):
+        """`(batch, step, replica_id, num_replicas) -> (metrics, grads)` for `objective`: one XLA computation
+        per replica with `jit_compile`, built once per objective."""
+        if objective not in self._objective_steps:
+            fn = lambda *a: self._compute_losses_and_grads(objective, *a)  # noqa: E731
+            self._objective_steps[objective] = tf.function(fn, jit_compile=True) if self.jit_compile else fn
+        return self._objective_steps[objective]
+
+    # -- The step itself. --------------------------------------------------------------------------------------
+
+    def _compute_losses_and_grads(self, objective, batch, step, replica_id, num_replicas):
+        """A group without a loss in the objective's output gets zero gradients."""
         rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), replica_id, num_replicas)
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
-            out = (objective or self.objective)(self.nets, batch, rng, step, self.objective_cfg)
+            out = objective(self.nets, batch, rng, step, self.objective_cfg)
             losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
                       for g, v in out.per_example.items()}
         metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)

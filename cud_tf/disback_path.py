@@ -1,25 +1,25 @@
-"""DisBack's two stages around the objectives of `cud_tf.objectives.disback`: the recorded degradation path
-(node checkpoints in order, listed in a manifest), the schedule that walks the target back along it, and the
-model that trains the generator and the fake network with one compiled step.
+"""DisBack's degradation path (Zhang et al. 2024, arXiv 2408.15991): stage 1 records it, stage 2 walks back along it.
 
-The target is one network object: a switch reads a node checkpoint into its variables (no retracing) and checks
-the loaded weights against the fingerprint that the manifest recorded when the node was written.
+The path s'_0 (the teacher) ... s'_N is a folder of `node_<i>` checkpoints listed in order, with their step and
+a fingerprint of their weights, in manifest.json. `record_degradation_path` trains the degradation network
+(stage 1) with the shared training loop and writes the nodes; `node_schedule` and `target_node` say which node
+is stage 2's target at each iteration.
 """
-import functools
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from cud_tf.model import DiffusionModel, OptimConfig
-from cud_tf.networks.unet import VelocityUNet, checkpoint_variables
+from cud_tf import run_dir, training
+from cud_tf.models.base import DiffusionModel, OptimConfig, clone_network, copy_weights
+from cud_tf.networks.unet import checkpoint_variables
 from cud_tf.objectives import disback
-from cud_tf.objectives.common import Nets
 
 MANIFEST = "manifest.json"
 
@@ -42,13 +42,6 @@ def fingerprint(net) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class DegradationPath:
@@ -92,7 +85,7 @@ class DegradationPath:
         nodes = [n for n in manifest["nodes"] if n["index"] != index]
         nodes.append(dict(index=index, step=step, checkpoint=name, sha256=fingerprint(net)))
         manifest["nodes"] = sorted(nodes, key=lambda n: n["index"])
-        _write_json(self.manifest_path, manifest)
+        run_dir.write_json(self.manifest_path, manifest)
 
     def check_complete(self, num_nodes: int):
         """Raises PathError unless nodes 0..num_nodes are all listed, in order, with their files present."""
@@ -147,52 +140,71 @@ def target_node(iteration: int, schedule) -> int:
     return node
 
 
-class DisbackModel(DiffusionModel):
-    """The generator `net` (group "velocity", with the EMA that samples and exports read), the fake velocity
-    network (group "fake", updated every step) and the frozen target (the path node in use, `nets.teacher`).
 
-    The generator is updated on steps k with (k + 1) % fake_updates_per_generator == 0 (the last step of each
-    group, so that steps logged at multiples of the ratio show the generator's metrics); on the other steps a
-    cheaper branch computes the fake network's loss alone. Both branches live in one traced step.
-    """
 
-    def __init__(self, generator: VelocityUNet, fake: VelocityUNet, target: VelocityUNet, cfg: disback.DisbackConfig,
-                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0, nonfinite: str = "skip",
-                 fake_optim_cfg: Optional[OptimConfig] = None, jit_compile: bool = False, **kw):
-        groups = {"velocity": list(generator.trainable_variables), "fake": list(fake.trainable_variables)}
-        super().__init__(generator, disback.loss, cfg, optim_cfg, global_batch_size, seed=seed, nonfinite=nonfinite,
-                         extra_nets={"fake": fake, "target": target}, groups=groups,
-                         optim_cfgs={"velocity": optim_cfg, "fake": fake_optim_cfg or optim_cfg}, **kw)
-        # Each kind of step is its own XLA computation and the choice a graph cond around them: one XLA
-        # computation holding the cond ran 12x slower on CPU (5 vs 59 img/s, quickstart network, batch 64).
-        branches = [functools.partial(DiffusionModel._losses_and_grads, self, objective=o)
-                    for o in (disback.loss, disback.fake_loss)]
-        self._branches = [tf.function(b, jit_compile=True) if jit_compile else b for b in branches]
-        self._losses_and_grads_fn = self._generator_or_fake_step
-        self.fake, self.target = fake, target
-        target.trainable = False
-        self.target_node = None  # host-side: the node whose weights the target holds
+def record_degradation_path(teacher_net, cfg: disback.DisbackConfig, strategy, make_dist_dataset: Callable,
+                            optim_cfg: OptimConfig, loop_cfg: training.LoopConfig, *, num_nodes: int,
+                            record_every: int, teacher_run_dir: str, global_batch_size: int, seed: int,
+                            jit_compile: bool, log=print):
+    """Stage 1: trains a copy of the teacher with the RF loss on samples of the frozen G^0(z) = z - v(z, 1) in
+    `loop_cfg.run_dir` and writes node i every `record_every` steps into `<loop_cfg.run_dir>/path`. Returns the
+    complete DegradationPath, or None when a signal stopped the stage (it saved and resumes). Raises PathError
+    for a path of other settings."""
+    path = DegradationPath(os.path.join(loop_cfg.run_dir, "path"))
+    n, m = num_nodes, record_every
+    meta = dict(teacher_run_dir=os.path.abspath(teacher_run_dir), record_every=m, num_nodes=n)
+    stored = {k: path.manifest().get(k) for k in meta}
+    if path.nodes() and stored != meta:
+        raise PathError(f"{path.directory} holds a path of other settings ({stored}); use a new --run_dir")
+    with strategy.scope():
+        net = clone_network(teacher_net, "degradation")
+        generator0 = clone_network(teacher_net, "generator0")
+        copy_weights(teacher_net.trainable_variables, net.trainable_variables)
+        copy_weights(teacher_net.trainable_variables, generator0.trainable_variables)
+        generator0.trainable = False
+        model = DiffusionModel(net, disback.degradation_loss, cfg, optim_cfg, global_batch_size=global_batch_size,
+                               seed=seed, extra_nets={"generator0": generator0}, jit_compile=jit_compile)
+    chief = training.is_chief(strategy)
+    recorded = {node["index"] for node in path.nodes()}
 
-    @property
-    def nets(self) -> Nets:
-        return Nets(velocity=self.net, teacher=self.target, extra={"fake": self.fake})
+    def record(step):
+        if step % m == 0 and step // m <= n and step // m not in recorded:
+            path.write_node(step // m, step, net, chief=chief, **meta)
+            recorded.add(step // m)
+            log(f"degradation path: node s'_{step // m} recorded at stage-1 step {step}")
 
-    def is_generator_step(self, step):
-        """True on the last step of every group of fake_updates_per_generator steps (0-based step k)."""
-        k = tf.cast(step, tf.int64) + 1
-        return tf.equal(tf.math.floormod(k, self.objective_cfg.fake_updates_per_generator), 0)
+    arch = dict(run_dir.to_json(teacher_net.config), noise_encoder=False, disback_record_every=m)
+    loop = dataclasses.replace(loop_cfg, train_steps=n * m, checkpoint_every=m, sample_nfes=(1, 8))
+    log(f"DisBack stage 1: {n} nodes every {m} steps ({n * m} steps) in {loop_cfg.run_dir}")
+    training.train(model, strategy, make_dist_dataset, loop, arch, teacher_net.config.image_shape, log=log,
+                   on_step=record)
+    if int(model.step.numpy()) < n * m:  # SIGTERM: stage 1 saved and stopped
+        return None
+    path.check_complete(n)
+    return path
 
-    def active_groups(self, step):
-        return {"velocity": self.is_generator_step(step)}
 
-    def _generator_or_fake_step(self, batch, step, replica_id, num_replicas):
-        generator_step, fake_step = self._branches
-        return tf.cond(self.is_generator_step(step), lambda: generator_step(batch, step, replica_id, num_replicas),
-                       lambda: fake_step(batch, step, replica_id, num_replicas))
+class TargetSwitcher:
+    """The training loop's `on_step` hook of stage 2: before iteration k, loads the scheduled node into the
+    model's target (verified) when it changes, and appends {"iteration", "node", "sha256"} to `switches_path`
+    (chief). With `path=None` (path off) the target is the teacher throughout."""
 
-    def set_target(self, path: DegradationPath, node: int) -> str:
-        """Loads path node `node` into the target network (verified against the manifest); returns its
-        fingerprint."""
-        sha256 = path.load_node(node, self.target)
-        self.target_node = node
-        return sha256
+    def __init__(self, model, path, schedule, train_steps: int, switches_path: str, chief: bool, log=print):
+        self.model, self.path, self.schedule, self.train_steps = model, path, schedule, train_steps
+        self.switches_path, self.chief, self.log = switches_path, chief, log
+
+    def __call__(self, step: int):
+        if step >= self.train_steps:
+            return
+        node = target_node(step, self.schedule) if self.path is not None else 0
+        if node == self.model.target_node:
+            return
+        if self.path is not None:
+            sha256 = self.model.set_target(self.path, node)
+        else:
+            sha256 = fingerprint(self.model.target)
+            self.model.target_node = node
+        self.log(f"DisBack stage 2: target s'_{node} from iteration {step}")
+        if self.chief:
+            with open(self.switches_path, "a") as f:
+                f.write(json.dumps(dict(iteration=step, node=node, sha256=sha256)) + "\n")

@@ -1,4 +1,4 @@
-"""Teacher-based distillation: a trained run loaded into networks, and the model that runs TRACT's phases.
+"""The model that runs TRACT's phases (Berthelot et al. 2023, arXiv 2303.04248) on `cud_tf.objectives.tract`.
 
 `TractModel` keeps, besides the student, a teacher and a self-teacher network whose weights are swapped in
 place (never new objects), so the compiled train step is traced once for every phase.
@@ -7,35 +7,10 @@ import dataclasses
 
 import tensorflow as tf
 
-from cud_tf import run_dirs
-from cud_tf.model import DiffusionModel, OptimConfig, ema_variables
+from cud_tf.models.base import DiffusionModel, OptimConfig, copy_weights, ema_variables
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import tract
 from cud_tf.objectives.common import Nets
-
-
-def copy_weights(source, target):
-    """Assigns the trainable weights of one network to another of the same architecture."""
-    src, dst = list(source), list(target)
-    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst)):
-        raise ValueError("cannot copy weights between networks of different architectures")
-    for a, b in zip(src, dst):
-        b.assign(a)
-
-
-def load_teacher(run_dir, strategy, names, **config_overrides):
-    """Networks named `names`, built in `strategy`'s scope, each holding the EMA weights of the run in `run_dir`.
-
-    config_overrides replace fields of the run's UNetConfig that hold no weights (e.g. dropout=0.0).
-    Returns ({name: VelocityUNet}, run_dirs.LoadedRun). Raises run_dirs.RunError for an unusable run directory.
-    """
-    run = run_dirs.load_run(run_dir, weights="ema")
-    cfg = dataclasses.replace(run.config, **config_overrides)
-    with strategy.scope():
-        nets = {name: VelocityUNet(cfg, name=name).build_variables() for name in names}
-    for net in nets.values():
-        copy_weights(run.net.trainable_variables, net.trainable_variables)
-    return nets, run
 
 
 def ema_rate(decay, k):
@@ -54,17 +29,15 @@ class TractModel(DiffusionModel):
     After every update: self-teacher <- EMA(mu_S) of the student, inference EMA <- EMA(mu_I) of the student,
     both bias-corrected over the step count (as the TRACT reference code). The inference EMA lives in the
     optimizer's EMA slots (whose own momentum is set to 1, so Keras leaves them alone), which is where
-    `sync_ema`, samples, checkpoints and `run_dirs.load_run(weights="ema")` read EMA weights. At the first step of
+    `sync_ema`, samples, checkpoints and `run_dir.load_run(weights="ema")` read EMA weights. At the first step of
     phase p > `self.phase` the teacher's weights become the inference EMA; `phase` is checkpointed, so a
     resumed run continues in its phase with its teacher.
     """
 
     def __init__(self, net: VelocityUNet, teacher: VelocityUNet, self_teacher: VelocityUNet, cfg: tract.TractConfig,
-                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0, nonfinite: str = "skip",
-                 objective=tract.loss, **kw):
+                 optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0, objective=tract.loss, **kw):
         super().__init__(net, objective, cfg, dataclasses.replace(optim_cfg, ema_decay=1.0), global_batch_size,
-                         seed=seed, nonfinite=nonfinite,
-                         extra_nets={"teacher": teacher, "self_teacher": self_teacher}, **kw)
+                         seed=seed, extra_nets={"teacher": teacher, "self_teacher": self_teacher}, **kw)
         self.teacher, self.self_teacher = teacher, self_teacher
         # Frozen: the tape does not watch them. Their variable lists are taken before (then they are empty).
         self.teacher_variables = list(teacher.trainable_variables)
@@ -87,14 +60,7 @@ class TractModel(DiffusionModel):
         return dict(super().trackables(), phase=self.phase, teacher_weights=list(self.teacher_variables),
                     self_teacher_weights=list(self.self_teacher_variables))
 
-    def train_step(self, batch):
-        ctx = tf.distribute.get_replica_context()
-        ctx.merge_call(lambda _: self._begin_phase_if_new())  # mirrored variables: cross-replica assigns
-        metrics = super().train_step(batch)
-        ctx.merge_call(lambda _: self._update_emas())
-        return metrics
-
-    def _begin_phase_if_new(self):
+    def prepare_step(self):
         """At the first step of a new phase: teacher <- inference EMA, and record the phase."""
         p = tf.cast(tract.phase_of(self.step, self.objective_cfg), tf.int64)
 
@@ -104,8 +70,10 @@ class TractModel(DiffusionModel):
 
         tf.cond(p > self.phase, begin, lambda: None)
 
-    def _update_emas(self):
-        """Bias-corrected EMAs of the student after update k = `self.step`: self-teacher and inference EMA."""
+    def finish_step(self, applied):
+        """Bias-corrected EMAs of the student after update k = `self.step`: self-teacher and inference EMA
+        (also after a skipped update, as the reference: the count k goes on)."""
+        del applied
         cfg = self.objective_cfg
         student = self.net.trainable_variables
         for decay, averages in ((cfg.self_teacher_decay, self.self_teacher_variables),
