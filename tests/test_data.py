@@ -102,8 +102,8 @@ def test_sharding_halves_per_replica_batch(cfg):
                                       whole["label"][i::2])
 
 
-def test_distribute_mirrored_matches_single_stream_and_resumes(cfg):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_distribute_mirrored_matches_single_stream_and_resumes(cfg, mirrored_strategy):
+    strategy = mirrored_strategy
     single = batches(data.make_dataset(cfg, 16, seed=5), 3)
 
     def global_batches(start_batch, n):
