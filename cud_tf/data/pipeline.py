@@ -100,8 +100,8 @@ def get_builder(cfg):
             raise DataNotPreparedError(f"Dataset {cfg.dataset!r} cannot be built: {e}") from None
     elif not cfg.download:
         raise DataNotPreparedError(
-            f"Dataset {cfg.dataset!r} is not prepared in {root}: run `{command}` or "
-            f"`tfds build {cfg.dataset} --data_dir={root}`, or pass --download."
+            f"Dataset {cfg.dataset!r} is not prepared in {root}: run `{command}` (downloads and "
+            f"prepares it) on a machine with network, or pass --download."
         )
     elif not _reachable(_PROBE_HOST):
         raise DataNotPreparedError(
