@@ -1,4 +1,4 @@
-"""Our own training loop around `model.train_step` (ARCHITECTURE.md: `model.fit` fails under
+"""Our own training loop around `model.train_step` (docs/architecture.md, One training step: `model.fit` fails under
 MultiWorkerMirroredStrategy in Keras 3.15): a tf.function around `strategy.run`, checkpoints with exact resume,
 TensorBoard scalars and sample grids, a progress bar, and a clean stop on SIGTERM (docs/distribution.md).
 
