@@ -3,7 +3,7 @@
     python benchmarks/speed.py --out=runs/speed.json
     python benchmarks/speed.py --flagfiles=configs/mnist.cfg --methods=rf,cud1+enc --steps=10
 
-For each flagfile's network (default: the quickstart net and the MNIST paper net of ALGORITHMS.md section 2):
+For each flagfile's network (default: the quickstart net and the MNIST paper net of docs/algorithms.md section 4):
 - train-step images/s at --batch_size for rectified flow and CUD K = 1, 2, 3 with and without the noise encoder
   (median of --steps timed steps after --warmup), each CUD step's time over the RF step's, and the ideal ratio
   from the network passes it makes (measured costs: one RF step, one forward pass of the batch);

@@ -53,7 +53,7 @@ def t_from_uniform(r, eps=EPS):
 
 
 def step_size(r, t, strategy, num_grid_steps):
-    """Per-example catch-up step sizes `[B]` (ALGORITHMS.md section 2), from uniforms r `[B]`.
+    """Per-example catch-up step sizes `[B]` (docs/algorithms.md section 2), from uniforms r `[B]`.
 
     origin: h = 1/TN; uniform: h ~ U(0, 1/TN) (the reference default); rule: h = t/TN.
     """

@@ -47,7 +47,7 @@ TABLEAUX = {
     "rk4": Tableau(
         "rk4", a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
         c=(0.0, 0.5, 0.5, 1.0), order=4),
-    # The CUD reference code's K=3 slope (Shao et al. 2023); only second order (ALGORITHMS.md section 2).
+    # The CUD reference code's K=3 slope (Shao et al. 2023); only second order (docs/algorithms.md section 3).
     "reference3": Tableau(
         "reference3", a=((), (1.0,), (7 / 4, 1 / 4)), b=(5 / 12, 2 / 3, -1 / 12), c=(0.0, 1.0, 2.0), order=2),
 }

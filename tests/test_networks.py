@@ -25,7 +25,7 @@ def test_dynamic_skip_weight():
 
 def test_mnist_paper_network_structure():
     net = VelocityUNet(UNetConfig()).build_variables()
-    # ALGORITHMS.md's structure built as written; the reference quotes 2,155,201 (see README: differences).
+    # Bare-pool resampling: the reference quotes 2,155,201 (docs/algorithms.md, Deviations from the papers).
     assert net.count_params() == 1_882_945
     assert net(tf.zeros([1, 28, 28, 1]), tf.ones([1]), head=1).shape == (1, 28, 28, 1)
 

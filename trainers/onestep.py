@@ -1,4 +1,4 @@
-"""Additional one-step training of a CUD model ("two-session", ALGORITHMS.md section 2):
+"""Additional one-step training of a CUD model ("two-session", docs/algorithms.md section 7):
 `python -m trainers.onestep --init_run_dir=runs/mnist_quick --flagfile=configs/mnist_onestep.cfg`.
 
 From the CUD run's EMA weights: generate N-step Euler trajectories from stored noise z, keep x0_hat = x_t - t v at

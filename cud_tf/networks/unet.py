@@ -15,7 +15,7 @@ from cud_tf.networks.layers import AttnBlock, OutputHead, ResBlock, TimeEmbeddin
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of a velocity U-Net; the defaults are the MNIST paper network of ALGORITHMS.md section 2."""
+    """Architecture of a velocity U-Net; the defaults are the MNIST paper network (docs/algorithms.md section 4)."""
 
     image_shape: tuple = (28, 28, 1)
     base_channels: int = 32

@@ -23,7 +23,7 @@ class LossOutput:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Options of the rectified-flow and CUD objectives (ALGORITHMS.md sections 1-2)."""
+    """Options of the rectified-flow and CUD objectives (docs/algorithms.md sections 5-6)."""
 
     order: int = 1  # K, the catch-up order and the number of heads trained
     tableau: str = ""  # "" = the standard tableau of order K; "reference3" = the reference code's K=3 slope

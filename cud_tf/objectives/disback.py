@@ -1,5 +1,5 @@
 """DisBack: a one-step generator G(z) = z - v_eta(z, 1) distilled from a velocity teacher along its degradation
-path (ALGORITHMS.md section 4).
+path (docs/algorithms.md section 9).
 
 Stage 1 (`degradation_loss`) fits a copy of the teacher to samples of the frozen initial generator G^0; stage 2
 (`loss`, `fake_loss`) trains the generator with the distribution-matching gradient against a target network and

@@ -1,5 +1,5 @@
 """Additional one-step training (the "two-session" stage of CUD): fit the one-step map z - f(z, 1) to stored
-trajectory predictions x0_hat^(m), with a pull towards the frozen initial EMA network (ALGORITHMS.md section 2)."""
+trajectory predictions x0_hat^(m), with a pull towards the frozen initial EMA network (docs/algorithms.md section 7)."""
 import dataclasses
 
 import tensorflow as tf

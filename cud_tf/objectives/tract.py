@@ -1,6 +1,6 @@
 """TRACT: transitive-closure time distillation of a velocity teacher; binary time distillation is its S = 2 case.
 
-Phase p distils T_p teacher steps into T_{p+1} student steps (ALGORITHMS.md section 3). The phase is a function
+Phase p distils T_p teacher steps into T_{p+1} student steps (docs/algorithms.md section 8). The phase is a function
 of the step, so one traced train step serves every phase; the teacher and self-teacher weights are swapped
 in by the model (`cud_tf.models.tract.TractModel`), never here.
 """
