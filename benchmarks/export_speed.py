@@ -15,12 +15,16 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "Run to export (default: a quickstart-sized network, random weights).")
-flags.DEFINE_integer("steps", 4, "N of the N-step rows (generate signature).", lower_bound=2)
-flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
-flags.DEFINE_string("sampler", "euler", "Fixed-step sampler of the export.")
-flags.DEFINE_float("min_seconds", 6.0, "Timed seconds per batch size and step count, both sides.")
-flags.DEFINE_integer("min_calls", 5, "Timed calls per measurement, at least.", lower_bound=1)
+
+
+def define_flags():
+    """The benchmark's flags."""
+    flags.DEFINE_string("run_dir", None, "Run to export (default: a quickstart-sized network, random weights).")
+    flags.DEFINE_integer("steps", 4, "N of the N-step rows (generate signature).", lower_bound=2)
+    flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
+    flags.DEFINE_string("sampler", "euler", "Fixed-step sampler of the export.")
+    flags.DEFINE_float("min_seconds", 6.0, "Timed seconds per batch size and step count, both sides.")
+    flags.DEFINE_integer("min_calls", 5, "Timed calls per measurement, at least.", lower_bound=1)
 
 QUICKSTART = dict(image_shape=(28, 28, 1), base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
                   attn_resolutions=(), mid_attention=False, dropout=0.0, cskip=0.25)
@@ -96,4 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -26,17 +26,22 @@ sys.path.insert(0, ROOT)
 from trainers import common, cud as cud_trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("flagfiles", ["configs/mnist_quick.cfg", "configs/mnist.cfg"], "Networks to measure.")
-flags.DEFINE_integer("batch_size", 128, "Batch of every train step and of the batched sampler.", lower_bound=1)
-flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).", lower_bound=1)
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, XLA compilation).", lower_bound=1)
-flags.DEFINE_list("methods", ["rf", "cud1", "cud2", "cud3", "rf+enc", "cud1+enc", "cud2+enc", "cud3+enc"],
-                  "Train steps to time: rf or cudK, '+enc' with the noise encoder.")
-flags.DEFINE_list("graph_methods", ["rf", "cud1"], "Also timed without XLA (the main rows follow --jit_compile).")
-flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Also timed under mixed_bfloat16.")
-flags.DEFINE_string("out", "", "Write the JSON here too.")
-flags.DEFINE_string("profile_dir", "", "Write a TF profiler trace of 3 RF steps of each network here (TensorBoard's "
-                    "Profile tab with tensorboard-plugin-profile).")
+
+
+def define_flags():
+    """The benchmark's own flags (with the trainers' shared flags, which the flagfiles set)."""
+    flags.DEFINE_list("flagfiles", ["configs/mnist_quick.cfg", "configs/mnist.cfg"], "Networks to measure.")
+    flags.DEFINE_integer("batch_size", 128, "Batch of every train step and of the batched sampler.", lower_bound=1)
+    flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, XLA compilation).", lower_bound=1)
+    flags.DEFINE_list("methods", ["rf", "cud1", "cud2", "cud3", "rf+enc", "cud1+enc", "cud2+enc", "cud3+enc"],
+                      "Train steps to time: rf or cudK, '+enc' with the noise encoder.")
+    flags.DEFINE_list("graph_methods", ["rf", "cud1"], "Also timed without XLA (the main rows follow --jit_compile).")
+    flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Also timed under mixed_bfloat16.")
+    flags.DEFINE_string("out", "", "Write the JSON here too.")
+    flags.DEFINE_string("profile_dir", "", "Write a TF profiler trace of 3 RF steps of each network here "
+                        "(TensorBoard's Profile tab with tensorboard-plugin-profile).")
+
 
 MATMUL_N = 2048
 
@@ -116,15 +121,15 @@ def build_model(net_cfg, method, order, enc, jit_compile):
     import dataclasses
 
     import keras
-    from cud_tf.models.base import DiffusionModel
+    from cud_tf.models.cud import CudModel
     from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
     from cud_tf.objectives import OBJECTIVES
     keras.utils.set_random_seed(0)
     cfg = dataclasses.replace(net_cfg, num_heads=order)
     net = VelocityUNet(cfg).build_variables()
     encoder = VelocityUNet(noise_encoder_config(cfg)).build_variables() if enc else None
-    return DiffusionModel(net, OBJECTIVES[method], objective_config(cfg, order), common.optim_config(), global_batch_size=FLAGS.batch_size,
-                          encoder=encoder, jit_compile=jit_compile)
+    return CudModel(net, OBJECTIVES[method], objective_config(cfg, order), common.optim_config(),
+                    global_batch_size=FLAGS.batch_size, encoder=encoder, jit_compile=jit_compile)
 
 
 def step_flops(net_cfg, name, batch):
@@ -152,7 +157,7 @@ def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir="", spli
             tf_first(step()).numpy()
         tf.profiler.experimental.stop()
     if split:
-        grads = tf.function(lambda: model._losses_and_grads_fn(batch, tf.constant(0, tf.int64), tf.constant(0), 1))
+        grads = tf.function(lambda: model.losses_and_grads(batch, tf.constant(0, tf.int64), tf.constant(0), 1))
         out["forward_backward_seconds"] = median_seconds(grads, FLAGS.steps, FLAGS.warmup)
     return out
 
@@ -331,4 +336,5 @@ def main(argv):
 
 if __name__ == "__main__":
     cud_trainer.define_flags()
+    define_flags()
     app.run(main)

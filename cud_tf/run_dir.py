@@ -163,10 +163,10 @@ def open_run(run_dir, *, arch: dict, config: dict, flags_text: str, definitions,
 
     arch: the checkpoints' architecture; config: the resolved configuration of what is trained (no loop or
     logging settings); flags_text: this invocation's flags as a flagfile; definitions: the absl FlagValues that
-    parsed them (flags.txt is read back against it); names: the project's flags among them; mutable: the flags that may change on a resume (how the run
-    is observed or how long it runs). A resume whose other flags, configuration or architecture differ from the
-    recorded ones raises RunError listing them, before anything is written. Every invocation is appended to
-    history.jsonl."""
+    parsed them (flags.txt is read back against it); names: the project's flags among them; mutable: the flags
+    that may change on a resume (how the run is observed or how long it runs). A resume whose other flags,
+    configuration or architecture differ from the recorded ones raises RunError listing them, before anything is
+    written. Every invocation is appended to history.jsonl."""
     check_architecture(run_dir, arch)
     config = to_json(config)
     recorded_config = read_json(os.path.join(run_dir, CONFIG))

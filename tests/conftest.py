@@ -9,6 +9,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import helpers  # noqa: E402
+
 # Two logical CPU devices for the whole session, so tests can run MirroredStrategy(["/cpu:0",
 # "/cpu:1"]). This must happen before TF initialises its devices, hence here at import time.
 tf.config.set_logical_device_configuration(
@@ -63,11 +65,21 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
-def tiny_unet_config(**overrides):
-    """A U-Net small enough to trace in seconds, for tests: 8x8x1 images, two levels."""
-    from cud_tf.networks.unet import UNetConfig
+@pytest.fixture(params=["default", "mirrored"])
+def strategy(request, mirrored_strategy):
+    """Each test that takes it runs under the default strategy and under MirroredStrategy over 2 logical CPUs."""
+    return tf.distribute.get_strategy() if request.param == "default" else mirrored_strategy
 
-    kw = dict(image_shape=(8, 8, 1), base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-              mid_attention=False, dropout=0.0, cskip=0.25)
-    kw.update(overrides)
-    return UNetConfig(**kw)
+
+@pytest.fixture(scope="session")
+def tiny_cud_run(mnist_data_dir, tmp_path_factory):
+    """One tiny CUD run for the whole session (K=2, noise encoder, 4 steps, checkpoints 3 and 4, samples), trained
+    through the trainer: the teacher of the TRACT, DisBack and one-step tests and the run of the trainer,
+    evaluator and export tests. Read-only: tests that write copy it (helpers.copy_run)."""
+    from trainers import cud as cud_trainer
+    cud_trainer.define_flags()
+    run_dir = str(tmp_path_factory.mktemp("tiny_cud") / "run")
+    metrics = helpers.train(cud_trainer, f"--flagfile={helpers.ROOT}/configs/mnist_quick.cfg",
+                            f"--data_dir={mnist_data_dir}", f"--run_dir={run_dir}", "--cud_order=2",
+                            "--noise_encoder", "--train_steps=4", *helpers.TINY)
+    return dict(run_dir=run_dir, metrics=metrics)

@@ -4,13 +4,13 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import tiny_unet_config
 from cud_tf import sampling
 from cud_tf.networks.unet import VelocityUNet
 from trainers import cud as cud_trainer
 from trainers import evaluate
 
-from test_trainer import ROOT, parse
+from helpers import ROOT, parse
 
 cud_trainer.define_flags()
 evaluate.define_flags()

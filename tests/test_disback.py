@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import ROOT, read_checkpoint_weights, tiny_unet_config
 from cud_tf import disback_path as disback
 from cud_tf.models.base import OptimConfig, clone_network
 from cud_tf.models.disback import DisbackModel
@@ -18,7 +18,7 @@ from trainers import cud as cud_trainer
 from trainers import disback as disback_trainer
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 cud_trainer.define_flags()
 disback_trainer.define_flags()
 
@@ -153,92 +153,6 @@ def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path)
     assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 6
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(mnist_data_dir, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("disback") / "teacher")
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.cud", f"--flagfile={ROOT}/configs/mnist_quick.cfg", f"--run_dir={run_dir}",
-               "--train_steps=2", "--channels=8", "--channel_mult=1,2", "--num_res_blocks=1",
-               "--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default",
-               "--sample_nfes=1", "--num_sample_images=2", f"--data_dir={mnist_data_dir}"])
-        cud_trainer.run()
-    return run_dir
-
-
-def tiny_disback_flags(teacher, run_dir, data_dir):
-    return [f"--flagfile={ROOT}/configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
-            f"--run_dir={run_dir}", "--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default",
-            "--sample_nfes=1", "--num_sample_images=2", f"--data_dir={data_dir}", "--disback_fake_updates=2"]
-
-
-def read_checkpoint_weights(prefix, net):
-    """`net`'s float weights as stored in checkpoint `prefix`, read by name without any network object
-    (tf.train.Checkpoint escapes '/' in a dict key as '.S')."""
-    reader = tf.train.load_checkpoint(prefix)
-    return [reader.get_tensor(f"net/{key.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE")
-            for key, _ in disback.weight_items(net)]
-
-
-def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data_dir, tmp_path):
-    run_dir = str(tmp_path / "disback")
-    base = tiny_disback_flags(teacher_dir, run_dir, mnist_data_dir) + [
-        "--disback_num_nodes=3", "--disback_record_every=2", "--disback_node_iterations=1,2", "--checkpoint_every=2"]
-    logs = []
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.disback", *base, "--train_steps=2"])
-        metrics = disback_trainer.run(log=logs.append)
-    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
-    path = disback.DegradationPath(os.path.join(run_dir, "degradation", "path"))
-    path.check_complete(3)
-    assert [n["step"] for n in path.nodes()] == [0, 2, 4, 6]
-    assert len({n["sha256"] for n in path.nodes()}) == 4  # the degradation network moved between nodes
-    from cud_tf import run_dir
-    teacher = run_dir.load_run(teacher_dir)
-    assert path.nodes()[0]["sha256"] == disback.fingerprint(teacher.net)  # s'_0 is the teacher
-
-    # Resume stage 2 from its flags: stage 1 is complete and is not rerun; the target keeps walking back.
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.disback", f"--flagfile={run_dir}/flags.txt", "--train_steps=5"])
-        disback_trainer.run(log=logs.append)
-    assert not any("stage-1 step" in line and "resumed" in line for line in logs)
-    with open(os.path.join(run_dir, "target_switches.jsonl")) as f:
-        switches = [json.loads(line) for line in f]
-    # Schedule: s'_2 for 1 iteration, s'_1 for 2, then s'_0; the resumed run (from iteration 2) reloads s'_1.
-    assert [(s["iteration"], s["node"]) for s in switches] == [(0, 2), (1, 1), (2, 1), (3, 0)]
-    for s in switches:  # each switch left the target holding exactly the node's stored weights
-        assert s["sha256"] == path.nodes()[s["node"]]["sha256"]
-    node0 = read_checkpoint_weights(os.path.join(path.directory, "node_000"), teacher.net)
-    for a, (_, b) in zip(node0, disback.weight_items(teacher.net)):
-        np.testing.assert_array_equal(a, b.numpy())
-
-    evaluated = run_dir.load_run(run_dir)  # the evaluator's view: the generator's EMA weights
-    assert disback.fingerprint(evaluated.net) != disback.fingerprint(teacher.net)
-    samples = np.load(os.path.join(run_dir, "samples.npy"))
-    assert samples.shape == (1, 2, 28, 28, 1) and np.isfinite(samples).all()
-
-    # Path off: no stage 1, the teacher is the target throughout.
-    off_dir = str(tmp_path / "off")
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.disback", *tiny_disback_flags(teacher_dir, off_dir, mnist_data_dir), "--disback_path=off",
-               "--train_steps=2"])
-        disback_trainer.run(log=logs.append)
-    assert not os.path.exists(os.path.join(off_dir, "degradation"))
-    with open(os.path.join(off_dir, "target_switches.jsonl")) as f:
-        assert [json.loads(line)["node"] for line in f] == [0]
-
-    # Another path setting on the same run directory is refused without touching it.
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.disback", f"--flagfile={run_dir}/flags.txt", "--disback_record_every=3"])
-        from cud_tf.training import TrainingError
-        with pytest.raises(TrainingError, match="disback_record_every"):
-            disback_trainer.run(log=logs.append)
-
-
 @pytest.mark.parametrize("name", ["disback_mnist.cfg", "disback_cifar10.cfg"])
 def test_flagfiles_parse(name):
     with flagsaver.flagsaver():
@@ -252,11 +166,13 @@ def test_flagfiles_parse(name):
         assert cfg.fake_updates_per_generator == 5
 
 
-def test_mirrored_two_cpus_equals_default(mirrored_strategy):
-    """Two generator/fake cycles under MirroredStrategy over 2 logical CPUs give the default strategy's weights
-    (the per-group conds run in cross-replica context)."""
-    weights = {}
-    for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored_strategy)):
+_DEFAULT_WEIGHTS = []
+
+
+def test_generator_fake_cycles_under_each_strategy_equal_the_default(strategy):
+    """Two generator/fake cycles under each strategy (MirroredStrategy over 2 logical CPUs included) give the
+    default strategy's weights (the per-group conds run in cross-replica context)."""
+    def cycles(strategy):
         with strategy.scope():
             generator, fake, target = tiny_nets(["velocity", "fake", "target"])
             for i, v in enumerate(generator.trainable_variables):
@@ -265,7 +181,7 @@ def test_mirrored_two_cpus_equals_default(mirrored_strategy):
                 f.assign(a + 0.05)
                 t.assign(a)
             model = DisbackModel(generator, fake, target, objective.DisbackConfig(fake_updates_per_generator=2),
-                                         OptimConfig(learning_rate=1e-3), global_batch_size=4)
+                                 OptimConfig(learning_rate=1e-3), global_batch_size=4)
         batch = {"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int32)}
         it = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
         step = tf.function(lambda: strategy.run(model.train_step, args=(next(it),)))
@@ -273,5 +189,10 @@ def test_mirrored_two_cpus_equals_default(mirrored_strategy):
             step()
         assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 2
         assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 4
-        weights[name] = [v.numpy() for v in generator.trainable_variables + fake.trainable_variables]
-    assert max(np.abs(a - b).max() for a, b in zip(weights["default"], weights["mirrored"])) < 1e-5
+        return [v.numpy() for v in generator.trainable_variables + fake.trainable_variables]
+
+    default = tf.distribute.get_strategy()
+    if not _DEFAULT_WEIGHTS:
+        _DEFAULT_WEIGHTS.append(cycles(default))
+    weights = _DEFAULT_WEIGHTS[0] if strategy is default else cycles(strategy)
+    assert max(np.abs(a - b).max() for a, b in zip(_DEFAULT_WEIGHTS[0], weights)) < 1e-5

@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import tiny_unet_config
 from cud_tf import training
 from cud_tf.models.base import DiffusionModel, OptimConfig
 from cud_tf.networks.unet import VelocityUNet
@@ -109,20 +109,20 @@ def test_sigkill_sigterm_sigint_resume_bitwise_exact(mnist_data_dir, tmp_path):
     assert sorted(ref) == sorted(got) and len(ref) > 20
     for name in ref:
         np.testing.assert_array_equal(ref[name], got[name], err_msg=name)
-    history = [json.loads(l) for l in open(os.path.join(chain, "history.jsonl"))]
+    history = [json.loads(line) for line in open(os.path.join(chain, "history.jsonl"))]
     assert len(history) == 4 and history[0]["changed"] == "created"  # each invocation that got the lock
 
 
 def test_a_second_trainer_on_a_locked_run_dir_exits_naming_the_holder(mnist_data_dir, tmp_path):
-    from cud_tf import run_dir
+    from cud_tf import run_dir as run_dir_lib
     chain = str(tmp_path / "run")
     os.makedirs(chain)
-    with run_dir.RunLock(chain, log=None):  # this process holds the run directory, as a running trainer does
+    with run_dir_lib.RunLock(chain, log=None):  # this process holds the run directory, as a running trainer does
         second = start(chain, mnist_data_dir, 4)
         _, err = second.communicate(timeout=120)
         assert os.path.exists(os.path.join(chain, "lock"))
     assert second.returncode == 2
-    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"is in use by pid {os.getpid()} on host" in errors[0], err
     assert "wait for that trainer to end" in errors[0]
     assert sorted(os.listdir(chain)) == []  # nothing written, and the holder's lock released on exit
@@ -217,7 +217,7 @@ def test_full_disk_then_corrupted_checkpoint_keep_the_good_one(tmp_path, monkeyp
     lines = []
     model = build_model()
     train(model, loop(run_dir, 4, keep=3), dataset(), lines)
-    assert any(f"checkpoint {ckpts}/ckpt-3 is unreadable" in l for l in lines), lines
+    assert any(f"checkpoint {ckpts}/ckpt-3 is unreadable" in line for line in lines), lines
     assert f"resumed from {ckpts}/ckpt-2 at step 2" in lines
     assert int(model.step.numpy()) == 4 and latest_step(run_dir) == 4
     for f, content in good.items():  # the good checkpoint survived the next saves, byte for byte
@@ -234,7 +234,7 @@ def cli(capsys, *args):
         with pytest.raises(SystemExit) as e:
             cud_trainer.main(argv)
     assert e.value.code != 0
-    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     return errors[0]
 

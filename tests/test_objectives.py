@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_unet_config
+from helpers import tiny_unet_config
 from cud_tf import interpolants
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
 from cud_tf.objectives import OBJECTIVES, Nets, ObjectiveConfig, cud

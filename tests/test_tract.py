@@ -1,5 +1,4 @@
 """TRACT: the two-stage target, bias-corrected EMAs, phase switches without retracing, and the trainer end to end."""
-import glob
 import os
 
 import numpy as np
@@ -8,7 +7,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import ROOT, tiny_unet_config
 from cud_tf.models import tract as tract_model
 from cud_tf.models.base import OptimConfig, copy_weights
 from cud_tf.networks.unet import VelocityUNet
@@ -17,7 +16,7 @@ from trainers import cud as cud_trainer
 from trainers import tract as tract_trainer
 
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 cud_trainer.define_flags()
 tract_trainer.define_flags()
 
@@ -184,70 +183,3 @@ def test_flagfiles_parse(name):
         assert FLAGS.train_steps == FLAGS.tract_steps_per_phase * (len(schedule) - 1)
         if name.startswith("btd"):  # binary time distillation: S = 2 in every phase
             assert all(a == 2 * b for a, b in zip(schedule, schedule[1:])) and schedule[-1] == 1
-
-
-def checkpoint_values(run_dir, step):
-    """(phase, teacher weights, inference EMA weights) of checkpoint ckpt-<step>, in network variable order."""
-    from cud_tf import run_dir
-    path = os.path.join(run_dir, "checkpoints", f"ckpt-{step}")
-    ema = run_dir.load_run(run_dir, checkpoint=path)  # the optimizer's EMA slots: the inference EMA
-    teacher = VelocityUNet(ema.config, name="teacher").build_variables()
-    phase = tf.Variable(-1, dtype=tf.int64)
-    tf.train.Checkpoint(teacher_weights=list(teacher.trainable_variables), phase=phase).restore(
-        path).expect_partial().assert_existing_objects_matched()
-    values = lambda net: [v.numpy() for v in net.trainable_variables]  # noqa: E731
-    return int(phase.numpy()), values(teacher), values(ema.net)
-
-
-def test_end_to_end_two_phases_resume_mid_phase(mnist_data_dir, tmp_path):
-    teacher_dir, run_dir = str(tmp_path / "teacher"), str(tmp_path / "tract")
-    tiny = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8", "--noprogress",
-            "--nojit_compile",
-            "--strategy=default", "--sample_nfes=1,2", "--num_sample_images=3", f"--data_dir={mnist_data_dir}"]
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.cud", f"--flagfile={ROOT}/configs/mnist_quick.cfg", f"--run_dir={teacher_dir}",
-               "--train_steps=2", "--cud_order=2", *tiny])
-        cud_trainer.run()
-
-    base = [f"--flagfile={ROOT}/configs/tract_mnist.cfg", f"--run_dir={run_dir}",
-            f"--tract_teacher_run_dir={teacher_dir}", "--tract_schedule=4,2,1", "--tract_steps_per_phase=3",
-            "--checkpoint_every=3", "--sample_head=2", "--tract_teacher_solver=heun",
-            "--tract_weight=truncated_snr", *tiny]
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.tract", *base, "--train_steps=4"])  # stops one step into phase 1
-        metrics = tract_trainer.run()
-    assert np.isfinite(metrics["loss"]) and metrics["phase"] == 1.0 and metrics["student_steps"] == 1.0
-    phase3, teacher3, ema3 = checkpoint_values(run_dir, 3)
-    phase4, teacher4, _ = checkpoint_values(run_dir, 4)
-    assert (phase3, phase4) == (0, 1) and len(teacher4) == len(ema3) > 0
-    for a, b in zip(ema3, teacher4):  # the teacher of phase 1 is the inference EMA at the end of phase 0
-        np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(teacher3, teacher4))
-
-    with flagsaver.flagsaver():  # resume mid-phase from the run's own flags
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.tract", f"--flagfile={run_dir}/flags.txt", "--train_steps=6"])
-        assert FLAGS.tract_steps_per_phase == 3 and FLAGS.tract_schedule == ["4", "2", "1"]
-        tract_trainer.run()
-    phase6, teacher6, _ = checkpoint_values(run_dir, 6)
-    assert phase6 == 1
-    for a, b in zip(teacher4, teacher6):  # the resumed run kept its phase's teacher
-        np.testing.assert_array_equal(a, b)
-    samples = np.load(os.path.join(run_dir, "samples.npy"))
-    assert samples.shape == (2, 3, 28, 28, 1) and np.isfinite(samples).all()
-
-    # A schedule that does not match the checkpoint is refused, and past the schedule's end is an error.
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.tract", f"--flagfile={run_dir}/flags.txt", "--train_steps=8",
-               "--tract_steps_per_phase=4"])
-        from cud_tf.training import TrainingError
-        with pytest.raises(TrainingError, match="tract_steps_per_phase"):
-            tract_trainer.run()
-        FLAGS.tract_steps_per_phase = 3
-        with pytest.raises(flags.ValidationError, match="past the schedule"):
-            tract_trainer.run()
-    assert sorted(glob.glob(os.path.join(run_dir, "checkpoints", "ckpt-*.index")))[-1].endswith("ckpt-6.index")
-    assert "--tract_steps_per_phase=3" in open(os.path.join(run_dir, "flags.txt")).read()

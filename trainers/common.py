@@ -275,6 +275,12 @@ def cli(define_trainer_flags, main):
     """A trainer's console-script entry point (and `python -m` body): defines its flags, makes the shared flags
     part of its `--help`, and runs `main` under absl."""
     define_trainer_flags()
-    for name in DEFINED:  # `--help` lists the flags of the main program: all of this trainer's
-        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    register_help()
     app.run(main)
+
+
+def register_help():
+    """`--help` lists the flags of the main program (absl: the module named by sys.argv[0]): make every flag
+    this project defined one of them, so that a trainer's help shows its own and the shared flags."""
+    for name in DEFINED:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])

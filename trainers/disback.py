@@ -34,13 +34,15 @@ def define_flags():
     t(d.DEFINE_integer, "disback_record_every", 100, "M: stage-1 steps between path nodes.", lower_bound=1)
     t(d.DEFINE_list, "disback_node_iterations", ["200"], "Stage-2 iterations with each target s'_{N-1}, ..., s'_1 "
       "(one value for all, or N-1 values); then the teacher s'_0 to the end.")
-    t(d.DEFINE_integer, "disback_fake_updates", dv(C, "fake_updates_per_generator"), "Fake-network updates per generator update.", lower_bound=1)
+    t(d.DEFINE_integer, "disback_fake_updates", dv(C, "fake_updates_per_generator"),
+      "Fake-network updates per generator update.", lower_bound=1)
     t(d.DEFINE_float, "disback_t_min", dv(C, "t_min"), "Smallest time of the distribution-matching gradient.",
       lower_bound=0.0, upper_bound=1.0)
     t(d.DEFINE_float, "disback_t_max", dv(C, "t_max"), "Largest time of the distribution-matching gradient.",
       lower_bound=0.0, upper_bound=1.0)
-    t(d.DEFINE_float, "disback_guidance", dv(C, "guidance_scale"), "Classifier-free guidance scale w of the target (a class-"
-      "conditional teacher; the generator learns the guided distribution); 1 = unguided.", lower_bound=0.0)
+    t(d.DEFINE_float, "disback_guidance", dv(C, "guidance_scale"), "Classifier-free guidance scale w of the "
+      "target (a class-conditional teacher; the generator learns the guided distribution); 1 = unguided.",
+      lower_bound=0.0)
     t(d.DEFINE_float, "disback_fake_learning_rate", None, "Learning rate of the fake network (default: "
       "--learning_rate).", lower_bound=0.0)
 

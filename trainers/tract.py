@@ -25,15 +25,18 @@ def define_flags():
     t(d.DEFINE_integer, "tract_steps_per_phase", None, "Training steps per phase (default: --train_steps split "
       "equally over the phases). --train_steps below the schedule's end stops early; rerun to continue.",
       lower_bound=1)
-    t(d.DEFINE_enum, "tract_teacher_solver", dv(C, "teacher_solver"), ["euler", "heun"], "The teacher's one step of size 1/T_p.")
+    t(d.DEFINE_enum, "tract_teacher_solver", dv(C, "teacher_solver"), ["euler", "heun"],
+      "The teacher's one step of size 1/T_p.")
     t(d.DEFINE_enum, "tract_weight", dv(C, "weight"), ["none", "truncated_snr"],
       "Per-example loss weight: none, or TRACT's truncated SNR mapped to velocity space, max(t^2, (1-t)^2).")
-    t(d.DEFINE_float, "tract_teacher_guidance", dv(C, "teacher_guidance"), "Classifier-free guidance scale w of a class-conditional "
-      "teacher in the first phase (the student learns the guided velocity); 1 = unguided.", lower_bound=0.0)
+    t(d.DEFINE_float, "tract_teacher_guidance", dv(C, "teacher_guidance"), "Classifier-free guidance scale w of a "
+      "class-conditional teacher in the first phase (the student learns the guided velocity); 1 = unguided.",
+      lower_bound=0.0)
     t(d.DEFINE_float, "tract_self_teacher_decay", dv(C, "self_teacher_decay"), "EMA decay mu_S of the self-teacher.",
       lower_bound=0.0, upper_bound=1.0)
-    t(d.DEFINE_float, "tract_ema_residual", dv(C, "ema_residual"), "The inference EMA decay is mu_I = residual^(1/steps_per_phase) "
-      "(bias-corrected); it becomes the teacher at each phase boundary.", lower_bound=0.0, upper_bound=1.0)
+    t(d.DEFINE_float, "tract_ema_residual", dv(C, "ema_residual"), "The inference EMA decay is mu_I = "
+      "residual^(1/steps_per_phase) (bias-corrected); it becomes the teacher at each phase boundary.",
+      lower_bound=0.0, upper_bound=1.0)
 
 
 def schedule():

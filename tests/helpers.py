@@ -1,0 +1,85 @@
+"""What the tests share (not fixtures: those are in conftest.py): paths, tiny settings, flag parsing, in-process
+command lines. Test modules import this module, never each other."""
+import importlib
+import os
+import pkgutil
+import shutil
+
+import pytest
+from absl import app, flags
+from absl.testing import flagsaver
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A trainer run small enough to trace and train in seconds on 2 cores (with the quickstart flagfile first).
+TINY = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8",
+        "--checkpoint_every=3", "--log_every=2", "--sample_nfes=1,2", "--num_sample_images=3", "--noprogress",
+        "--nojit_compile", "--strategy=default"]
+
+
+def tiny_unet_config(**overrides):
+    """A U-Net small enough to trace in seconds, for tests: 8x8x1 images, two levels."""
+    from cud_tf.networks.unet import UNetConfig
+
+    kw = dict(image_shape=(8, 8, 1), base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+              mid_attention=False, dropout=0.0, cskip=0.25)
+    kw.update(overrides)
+    return UNetConfig(**kw)
+
+
+def define_all_trainer_flags():
+    """Every trainer's flags, so that each flagfile in configs/ parses whichever trainer it is for."""
+    for info in pkgutil.iter_modules([os.path.join(ROOT, "trainers")]):
+        module = importlib.import_module(f"trainers.{info.name}")
+        if hasattr(module, "define_flags"):
+            module.define_flags()
+
+
+def parse(*args, prog="trainers.cud"):
+    """Parses `args` into the global FLAGS from their defaults (call inside `flagsaver.flagsaver()`)."""
+    FLAGS.unparse_flags()
+    FLAGS([prog, *args])
+
+
+def train(trainer, *args):
+    """Parses `args` and runs `trainer.run()` in-process with the flags restored afterwards."""
+    with flagsaver.flagsaver():
+        parse(*args)
+        return trainer.run()
+
+
+def run_cli(capsys, trainer, *args):
+    """`python -m trainers.<trainer> args...` in-process: absl's own parsing (app.parse_flags_with_usage, as
+    app.run does) and the trainer's main. Returns (exit code, stderr lines)."""
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        code = 0
+        try:
+            argv = app.parse_flags_with_usage([trainer.__name__, *args])
+            trainer.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, capsys.readouterr().err.splitlines()
+
+
+def copy_run(run_dir, tmp_path, name="run"):
+    """A writable copy of a session run directory (the fixtures' runs are shared: never write into them)."""
+    target = os.path.join(str(tmp_path), name)
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def read_checkpoint_weights(prefix, net):
+    """`net`'s float weights as stored in checkpoint `prefix`, read by name without any network object
+    (tf.train.Checkpoint escapes '/' in a dict key as '.S')."""
+    import tensorflow as tf
+    from cud_tf.disback_path import weight_items
+    reader = tf.train.load_checkpoint(prefix)
+    return [reader.get_tensor(f"net/{key.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE")
+            for key, _ in weight_items(net)]
+
+
+def need_serving_protos():
+    return pytest.importorskip("tensorflow_serving.apis.predict_pb2", reason="needs tensorflow-serving-api "
+                               "(pip install --no-deps tensorflow-serving-api==2.21.0)")
