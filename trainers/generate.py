@@ -20,9 +20,10 @@ def _define(define, name, *args, **kw):
 
 def define_flags():
     d = flags
-    _define(d.DEFINE_string, "run_dir", None, "Training run to sample with its EMA weights (arch.json, checkpoints/).")
-    _define(d.DEFINE_string, "saved_model", None, "Or: an exported version folder, e.g. saved_models/cud_mnist/1 (a model's folder: "
-            "its latest version).")
+    _define(d.DEFINE_string, "run_dir", None, "Training run to sample with its EMA weights (arch.json, "
+            "checkpoints/).")
+    _define(d.DEFINE_string, "saved_model", None, "Or: an exported version folder, e.g. saved_models/cud_mnist/1 "
+            "(a model's folder: its latest version).")
     _define(d.DEFINE_string, "checkpoint", None, "Checkpoint of --run_dir (default: the latest).")
     _define(d.DEFINE_list, "nfe", ["1", "2", "4"], "Numbers of velocity evaluations: one grid block per value.")
     _define(d.DEFINE_string, "sampler", "euler", "Fixed-step sampler: euler, heun, rk3, rk4, reference3 (with "
