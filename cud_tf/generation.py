@@ -188,8 +188,8 @@ def generate_from_saved_model(path, cfg: GenerateConfig) -> Generated:
     cfg.validate()
     model = _SavedModel(path)
     if cfg.head is not None and cfg.head != model.head:
-        raise ValueError(f"{path} was exported with head {model.head} (its signatures run only that head); "
-                         f"drop --head or export the run again with --head={cfg.head}")
+        raise ValueError(f"{model.path} was exported with head {model.head} (its signatures run only that "
+                         f"head); drop --head or export the run again with --head={cfg.head}")
     sampler = cfg.sampler or model.sampler
     labels = resolve_labels(cfg, model.num_classes)
     if labels is not None and cfg.guidance_scale > model.meta["caps"]["max_guidance"]:
@@ -200,8 +200,8 @@ def generate_from_saved_model(path, cfg: GenerateConfig) -> Generated:
         steps = steps_for(sampler, int(n))
         how = model.plan(sampler, steps, cfg.num_images)
         if how is None:
-            raise ValueError(f"{path} cannot sample NFE {n} with {sampler} for {cfg.num_images} images: it exports "
-                             f"{model.describe()} and no velocity signature")
+            raise ValueError(f"{model.path} cannot sample NFE {n} with {sampler} for {cfg.num_images} images: it "
+                             f"exports {model.describe()} and no velocity signature")
         plans.append((int(n), steps, how))
     z = export.noise(cfg.seed, cfg.num_images, model.image_shape).numpy()
     samples = np.stack([model.sample(how, z, steps, sampler, cfg.seed, labels, cfg.guidance_scale)
