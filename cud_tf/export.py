@@ -9,6 +9,11 @@ Signatures (method `tensorflow/serving/predict`; H, W, C are the network's image
 Class-conditional networks add labels int32 [B] (-1 = unconditional) to all three and guidance_scale float32 []
 to the first two. Inputs are checked inside the graph, before any network evaluation, so a bad request fails
 with a message naming the input and what it must be. Only TensorFlow ops are saved: loading needs no cud_tf.
+`ExportConfig.signatures` may leave some out (e.g. only serving_default: a fixed one-step model).
+
+Every version also holds `assets.extra/tf_serving_warmup_requests`: a TFRecord of `PredictionLog` records, one
+small valid `PredictRequest` per signature, that TF Serving runs once when it loads the version (so the first
+real request does not pay for graph set-up). Writing it needs `tensorflow-serving-api` (the `serving` extra).
 """
 import dataclasses
 import datetime
@@ -17,12 +22,15 @@ import os
 import re
 import subprocess
 
+import numpy as np
 import tensorflow as tf
 
 from cud_tf import sampling, solvers
 
 METADATA_FILE = os.path.join("assets.extra", "cud_tf.json")
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")  # the name TF Serving looks for
 VALUE_RANGE = (-1.0, 1.0)
+SIGNATURES = ("serving_default", "generate", "velocity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +44,8 @@ class ExportConfig:
     max_images: int = 64  # largest batch B / num_images
     max_steps: int = 64  # largest num_steps of generate
     max_guidance: float = 10.0  # largest guidance_scale (class-conditional networks)
+    signatures: tuple = SIGNATURES  # which of SIGNATURES the SavedModel exposes
+    warmup: bool = True  # write assets.extra/tf_serving_warmup_requests (needs tensorflow-serving-api)
 
     def validate(self, net_config):
         """Raises ValueError naming the offending field."""
@@ -52,6 +62,16 @@ class ExportConfig:
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         if not self.max_guidance >= 0.0:
             raise ValueError(f"max_guidance={self.max_guidance} must be >= 0")
+        unknown = sorted(set(self.signatures) - set(SIGNATURES))
+        if unknown or not self.signatures:
+            raise ValueError(f"signatures={list(self.signatures)}: expected a non-empty subset of {list(SIGNATURES)}")
+        if self.warmup:
+            try:
+                from tensorflow_serving.apis import prediction_log_pb2  # noqa: F401
+            except ImportError:
+                raise ValueError("writing TF Serving warm-up requests needs tensorflow-serving-api (pip install "
+                                 "--no-deps tensorflow-serving-api==2.21.0), or export without them (--nowarmup)"
+                                 ) from None
 
 
 def noise(seed, num_images, image_shape):
@@ -116,10 +136,21 @@ class Signatures:
             spec([None, h, w, c], tf.float32, "x"), spec([None], tf.float32, "t"), *cond])
 
     def concrete(self):
-        """{signature name: concrete function}, traced once."""
-        return {"serving_default": self.serving_default.get_concrete_function(),
-                "generate": self.generate.get_concrete_function(),
-                "velocity": self.velocity.get_concrete_function()}
+        """{signature name: concrete function} of `cfg.signatures`, traced once."""
+        return {name: getattr(self, name).get_concrete_function() for name in SIGNATURES
+                if name in self.cfg.signatures}
+
+    def warmup_inputs(self, name):
+        """{input name: numpy value}: the smallest valid request of signature `name` (one image, the default
+        step count, label 0, guidance 1)."""
+        h, w, c = self.image_shape
+        values = {
+            "noise": np.zeros([1, h, w, c], np.float32), "x": np.zeros([1, h, w, c], np.float32),
+            "t": np.ones([1], np.float32), "seed": np.int64(0), "num_images": np.int32(1),
+            "num_steps": np.int32(self.cfg.default_steps), "labels": np.zeros([1], np.int32),
+            "guidance_scale": np.float32(1.0)}
+        args, _ = getattr(self, name).get_concrete_function().structured_input_signature
+        return {s.name: values[s.name] for s in args if s is not None}
 
     # Checks: each returns a list of assert ops that the computation waits on.
 
@@ -222,6 +253,23 @@ def check_name(name):
         raise ValueError(f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
 
 
+def write_warmup(path, sigs: Signatures, name):
+    """Writes TF Serving's warm-up file `path`: one PredictionLog (a PredictRequest of model `name` and its
+    `Signatures.warmup_inputs`) per exported signature. Returns the signature names, in file order."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    names = [n for n in SIGNATURES if n in sigs.cfg.signatures]
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature in names:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name, request.model_spec.signature_name = name, signature
+            for key, value in sigs.warmup_inputs(signature).items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return names
+
+
 def export(net, export_dir, name, cfg: ExportConfig, info=None):
     """Writes `<export_dir>/<name>/<next version>/` (SavedModel + assets.extra/cud_tf.json); returns its path.
 
@@ -254,6 +302,9 @@ def export(net, export_dir, name, cfg: ExportConfig, info=None):
         **(info or {}),
     }
     os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+    if cfg.warmup:
+        metadata["warmup"] = {"file": WARMUP_FILE, "signatures": write_warmup(os.path.join(tmp, WARMUP_FILE),
+                                                                             sigs, name)}
     with open(os.path.join(tmp, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=1, sort_keys=True)
     path = os.path.join(base, str(version))
@@ -265,12 +316,12 @@ def export(net, export_dir, name, cfg: ExportConfig, info=None):
 
 
 def export_run(run_dir, export_dir, name, cfg: ExportConfig, checkpoint=None):
-    """Exports the EMA weights of a training run (`cud_tf.run_dirs.load_run`); returns the version's path."""
-    from cud_tf import run_dirs
+    """Exports the EMA weights of a training run (`cud_tf.run_dir.load_run`); returns the version's path."""
+    from cud_tf import run_dir as run_dir_lib
 
     check_name(name)
-    cfg.validate(run_dirs.read_arch(run_dir)[0])  # before the (slower) restore
-    run = run_dirs.load_run(run_dir, weights="ema", checkpoint=checkpoint)
+    cfg.validate(run_dir_lib.read_arch(run_dir)[0])  # before the (slower) restore
+    run = run_dir_lib.load_run(run_dir, weights="ema", checkpoint=checkpoint)
     info = {"run": {"run_dir": os.path.abspath(run_dir), "checkpoint": run.checkpoint, "step": run.step,
-                    "weights": "ema", "flags": run.flags}}
+                    "weights": "ema", "config": run.run_config}}
     return export(run.net, export_dir, name, cfg, info)

@@ -16,7 +16,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from cud_tf import checkpointing, run_dir, sampling, summaries
+from cud_tf import checkpointing, run_dir, sampling, solvers, summaries
 
 
 class TrainingError(RuntimeError):
@@ -295,7 +295,7 @@ def write_samples(model, image_shape, cfg: LoopConfig, writer, step, png):
     """Sample grid (one row per NFE) with the EMA weights: to TensorBoard, and to `samples.png` when asked."""
     model.sync_ema()
     rows = sample_rows(model.ema_net, image_shape, cfg)
-    grid = summaries.image_grid(rows)
+    grid = summaries.sample_grid(rows, [solvers.nfe(cfg.sample_method, n) for n in cfg.sample_nfes])
     if writer is not None:
         with writer.as_default(step=step):
             tf.summary.image("samples_nfe_" + "_".join(map(str, cfg.sample_nfes)), grid[None], step=step)

@@ -1,5 +1,8 @@
-"""SavedModel export for TF Serving: signatures, a reload without the project, serving protos, input checks."""
+"""SavedModel export for TF Serving: signatures, a reload without the project, serving protos, warm-up requests,
+the model config, input checks."""
+import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -10,7 +13,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import tiny_unet_config
 from trainers import common
 from trainers import export as export_trainer
 
@@ -20,13 +23,21 @@ export_trainer.define_flags()
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ENV.pop("PYTHONPATH", None)
 SEED, NUM_IMAGES, NUM_STEPS = 7, 3, 2
+# Exports write TF Serving warm-up requests only with its protos (the `serving` extra) installed.
+HAS_SERVING = importlib.util.find_spec("tensorflow_serving") is not None
+WARMUP = [] if HAS_SERVING else ["--nowarmup"]
+NO_SERVING = "needs tensorflow-serving-api (pip install --no-deps tensorflow-serving-api==2.21.0)"
+
+
+def serving_protos():
+    return pytest.importorskip("tensorflow_serving", reason=NO_SERVING)
 
 
 def write_run(run_dir, cfg, step=2):
     """A run directory in the trainer's layout (arch.json, flags.txt, checkpoints/ of DiffusionModel.trackables)
     whose EMA weights differ from its training weights, so a test can tell which were exported."""
-    from cud_tf import training
-    from cud_tf.model import DiffusionModel, OptimConfig, ema_variables
+    from cud_tf import run_dir as run_dir_lib
+    from cud_tf.models.base import DiffusionModel, OptimConfig, ema_variables
     from cud_tf.networks.unet import VelocityUNet
     from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
 
@@ -37,7 +48,9 @@ def write_run(run_dir, cfg, step=2):
     for avg in ema_variables(model.optimizers_by_group["velocity"]):
         avg.assign(avg + 0.05 * rng.standard_normal(avg.shape).astype(np.float32))
     model.step.assign(step)
-    training.check_architecture(run_dir, common.arch_dict(cfg, False))
+    run_dir_lib.write_json(os.path.join(run_dir, "arch.json"), common.arch_dict(cfg, False))
+    run_dir_lib.write_json(os.path.join(run_dir, "config.json"), run_dir_lib.to_json(
+        dict(trainer="cud", method="cud", network=cfg, objective=ObjectiveConfig(order=cfg.num_heads))))
     with open(os.path.join(run_dir, "flags.txt"), "w") as f:
         f.write(f"--method=cud\n--cud_order={cfg.num_heads}\n--channels={cfg.base_channels}\n")
     tf.train.CheckpointManager(tf.train.Checkpoint(**model.trackables()), os.path.join(run_dir, "checkpoints"),
@@ -72,7 +85,7 @@ def run_dir(workdir):
 @pytest.fixture(scope="module")
 def exported(workdir, run_dir):
     return export_cli(f"--run_dir={run_dir}", "--name=cud_mnist", f"--export_dir={workdir / 'saved_models'}",
-                      "--head=2", "--max_images=4", "--max_steps=8")
+                      "--head=2", "--max_images=4", "--max_steps=8", *WARMUP)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +127,8 @@ def commands(workdir, exported, cond_run_dir):
         "reload": [sys.executable, "-I", "-c", RELOAD, exported, str(out / "reload.npz")],
         # The second export of the same name, through the command line.
         "export2": [sys.executable, "-m", "trainers.export", f"--run_dir={cond_run_dir}", "--name=cud_mnist",
-                    f"--export_dir={workdir / 'saved_models'}", "--max_images=4", "--max_guidance=4"],
+                    f"--export_dir={workdir / 'saved_models'}", "--max_images=4", "--max_guidance=4",
+                    *WARMUP],
     }
     procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                  cwd=ROOT if k == "export2" else out) for k, c in cmds.items()}
@@ -141,8 +155,8 @@ def loaded(exported):
 
 @pytest.fixture(scope="module")
 def ema_net(run_dir):
-    from cud_tf import run_dirs
-    return run_dirs.load_run(run_dir).net
+    from cud_tf import run_dir as run_dir_lib
+    return run_dir_lib.load_run(run_dir).net
 
 
 def reference(net, z, num_steps, labels=None, guidance_scale=1.0, head=2):
@@ -185,19 +199,80 @@ def test_export_layout_and_metadata(exported):
     assert meta["caps"] == {"max_images": 4, "max_steps": 8, "max_guidance": 10.0}
     assert meta["sampler"]["method"] == "euler" and meta["sampler"]["head"] == 2
     assert meta["run"]["step"] == 2 and meta["run"]["weights"] == "ema"
-    assert meta["run"]["flags"]["cud_order"] == "2"
+    assert meta["run"]["config"]["objective"]["order"] == 2 and meta["run"]["config"]["method"] == "cud"
     assert meta["code_version"] and meta["signatures"]["generate"]["inputs"]["seed"] == ["int64", []]
 
 
-def test_models_config_parses_with_the_serving_protos():
+def test_models_config_parses_and_lists_only_models_the_docs_create():
+    """models.config is what the server accepts: TF Serving's own proto parses it; every model is one that an
+    export command in docs/serving.md creates, under /models/<name> (where the docs mount saved_models/); no
+    version label names a version that may not be loaded at start-up (the server refuses those unless
+    --allow_version_labels_for_unavailable_models is passed, and no documented command passes it)."""
+    serving_protos()
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
     with open(os.path.join(ROOT, "saved_models", "models.config")) as f:
         config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
-    assert [c.name for c in config.model_config_list.config] == ["cud_mnist", "cud_mnist_cond"]
+    with open(os.path.join(ROOT, "docs", "serving.md")) as f:
+        docs = f.read()
+    created = set(re.findall(r"python -m trainers\.export [^\n]*--name=([A-Za-z0-9_.-]+)", docs))
+    models = config.model_config_list.config
+    assert models and {c.name for c in models} <= created, (sorted(c.name for c in models), sorted(created))
+    assert 'source="$PWD/saved_models",target=/models ' in docs  # the Docker command of models.config
+    for c in models:
+        assert c.base_path == f"/models/{c.name}" and c.model_platform == "tensorflow"
+        assert not c.version_labels or "--allow_version_labels_for_unavailable_models" in docs, c.name
+        # A policy pinning specific versions would fail on a fresh export directory (only version 1 exists).
+        assert c.model_version_policy.WhichOneof("policy_choice") in (None, "latest"), c.name
+
+
+def warmup_logs(path):
+    from tensorflow_serving.apis import prediction_log_pb2
+    return [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+            for r in tf.data.TFRecordDataset(os.path.join(path, "assets.extra", "tf_serving_warmup_requests"))]
+
+
+def check_warmup(path, expected_signatures):
+    """The export's warm-up file holds one PredictRequest per signature, with exactly that signature's input
+    names, dtypes and ranks, and each request runs on the loaded SavedModel (as TF Serving runs them)."""
+    logs = warmup_logs(path)
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * len(logs)
+    requests = [log.predict_log.request for log in logs]
+    assert sorted(r.model_spec.signature_name for r in requests) == sorted(expected_signatures)
+    m = tf.saved_model.load(path)
+    assert set(m.signatures) == set(expected_signatures)
+    for r in requests:
+        fn = m.signatures[r.model_spec.signature_name]
+        _, specs = fn.structured_input_signature
+        inputs = {k: tf.constant(tf.make_ndarray(p)) for k, p in r.inputs.items()}
+        assert {k: (v.dtype, v.shape.rank) for k, v in inputs.items()} == {
+            k: (s.dtype, s.shape.rank) for k, s in specs.items()}, r.model_spec.signature_name
+        assert all(s.shape.is_compatible_with(inputs[k].shape) for k, s in specs.items())
+        outputs = fn(**inputs)
+        assert set(outputs) == set(fn.structured_outputs)
+    with open(os.path.join(path, "assets.extra", "cud_tf.json")) as f:
+        meta = json.load(f)
+    assert meta["warmup"]["signatures"] == [r.model_spec.signature_name for r in requests]
+    return requests
+
+
+def test_warmup_requests_match_the_signatures(exported, commands, tmp_path, run_dir):
+    serving_protos()
+    requests = check_warmup(exported, ["serving_default", "generate", "velocity"])
+    assert all(r.model_spec.name == "cud_mnist" for r in requests)
+    _, result = commands
+    cond = result("export2")[1].split()[-1]  # the class-conditional export: labels and guidance_scale too
+    requests = {r.model_spec.signature_name: r for r in check_warmup(cond, ["serving_default", "generate",
+                                                                            "velocity"])}
+    assert set(requests["generate"].inputs) == {"seed", "num_images", "num_steps", "labels", "guidance_scale"}
+    assert set(requests["velocity"].inputs) == {"x", "t", "labels"}
+    only = export_cli(f"--run_dir={run_dir}", "--name=one", f"--export_dir={tmp_path}", "--head=2",
+                      "--signatures=serving_default")
+    check_warmup(only, ["serving_default"])
 
 
 def test_predict_request_protos_round_trip(loaded):
+    serving_protos()
     from tensorflow_serving.apis import predict_pb2
     request = predict_pb2.PredictRequest()
     request.model_spec.name, request.model_spec.signature_name = "cud_mnist", "generate"
@@ -254,7 +329,8 @@ def test_saved_model_cli_run_generate(commands, ema_net):
 
 
 def test_reload_without_the_project_matches_in_process_sampling(commands, ema_net, run_dir):
-    from cud_tf import export, run_dirs, sampling
+    from cud_tf import export, sampling
+    from cud_tf import run_dir as run_dir_lib
     out, result = commands
     result("reload")
     r = np.load(out / "reload.npz")
@@ -264,13 +340,14 @@ def test_reload_without_the_project_matches_in_process_sampling(commands, ema_ne
     np.testing.assert_allclose(r["one"], reference(ema_net, r["z"], 1), atol=1e-3)  # one step: z - v(z, 1)
     t = tf.constant([1.0, 0.5, 0.0])
     np.testing.assert_allclose(r["v"], sampling.velocity_fn(ema_net, 2)(r["z"], t).numpy(), atol=1e-3)
-    train_net = run_dirs.load_run(run_dir, weights="train").net  # the EMA weights were exported, not these
+    train_net = run_dir_lib.load_run(run_dir, weights="train").net  # the EMA weights were exported, not these
     assert np.abs(r["v"] - sampling.velocity_fn(train_net, 2)(r["z"], t).numpy()).max() > 1e-2
 
 
 def test_second_export_gets_the_next_version_with_conditional_inputs(commands, exported, cond_run_dir):
     """A class-conditional run exported under the same name becomes version 2; version 1 stays as it was."""
-    from cud_tf import export, run_dirs
+    from cud_tf import export
+    from cud_tf import run_dir as run_dir_lib
     before = os.stat(os.path.join(exported, "saved_model.pb"))
     _, result = commands
     path = result("export2")[1].split()[-1]
@@ -283,7 +360,7 @@ def test_second_export_gets_the_next_version_with_conditional_inputs(commands, e
     labels, w = tf.constant([0, 2, -1]), tf.constant(2.5)
     out = m.signatures["generate"](seed=tf.constant(SEED, tf.int64), num_images=tf.constant(3),
                                    num_steps=tf.constant(2), labels=labels, guidance_scale=w)
-    net = run_dirs.load_run(cond_run_dir).net
+    net = run_dir_lib.load_run(cond_run_dir).net
     np.testing.assert_allclose(
         out["images"].numpy(), reference(net, export.noise(SEED, 3, (8, 8, 1)), 2, labels, w, head=1), atol=1e-3)
     _, specs = m.signatures["velocity"].structured_input_signature
@@ -305,13 +382,14 @@ def test_second_export_gets_the_next_version_with_conditional_inputs(commands, e
     (["--name=../x"], "model name '../x' must be"),
     (["--name=x", "--sampler=rk9"], "sampler='rk9' is unknown"),
     (["--name=x", "--head=3"], "head=3 but the network has 2 head(s)"),
+    (["--name=x", "--signatures=generate,predict"], "expected a non-empty subset of ['serving_default', "),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(run_dir, tmp_path, capsys, args, message):
     if message == "no arch.json":
         run_dir = str(tmp_path / "not_a_run")
     with flagsaver.flagsaver(), pytest.raises(SystemExit) as info:
         FLAGS.unparse_flags()
-        FLAGS(["trainers.export", f"--run_dir={run_dir}", f"--export_dir={tmp_path / 'out'}", *args])
+        FLAGS(["trainers.export", f"--run_dir={run_dir}", f"--export_dir={tmp_path / 'out'}", *WARMUP, *args])
         export_trainer.main(["trainers.export"])
     assert info.value.code != 0
     errors = capsys.readouterr().err.strip().splitlines()

@@ -7,8 +7,9 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
-from cud_tf import run_dirs, sampling
+from helpers import tiny_unet_config
+from cud_tf import sampling
+from cud_tf import run_dir as run_dir_lib
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import OBJECTIVES, Nets
 from cud_tf.objectives.onestep import OnestepConfig
@@ -71,9 +72,9 @@ def test_onestep_trainer_fine_tunes_a_cud_run(mnist_data_dir, tmp_path):
     with np.load(os.path.join(run_dir, onestep_trainer.TRAJECTORIES)) as f:
         pairs = {k: f[k] for k in ("z", "target")}
     assert pairs["z"].shape == (16, 28, 28, 1) and pairs["target"].shape == (2, 16, 28, 28, 1)
-    init = run_dirs.load_run(init_dir).net
+    init = run_dir_lib.load_run(init_dir).net
     before = _mean_loss(init, init, pairs, 1)
-    after = _mean_loss(run_dirs.load_run(run_dir, weights="train").net, init, pairs, 1)
+    after = _mean_loss(run_dir_lib.load_run(run_dir, weights="train").net, init, pairs, 1)
     assert after < 0.8 * before, (before, after)
 
     # The run directory is a run like any other: the teacher's network, loadable for evaluation.
@@ -82,5 +83,5 @@ def test_onestep_trainer_fine_tunes_a_cud_run(mnist_data_dir, tmp_path):
     with open(os.path.join(run_dir, "arch.json")) as f:
         arch = json.load(f)
     assert arch == {**teacher_arch, "noise_encoder": False}
-    loaded = run_dirs.load_run(run_dir)
+    loaded = run_dir_lib.load_run(run_dir)
     assert loaded.step == 8 and loaded.flags["channels"] == "8" and loaded.flags["data_dir"] == mnist_data_dir

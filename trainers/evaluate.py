@@ -119,7 +119,8 @@ def run(log=print):
     import numpy as np
     import tensorflow as tf
 
-    from cud_tf import data, run_dirs, sampling, solvers, summaries
+    from cud_tf import data, sampling, solvers, summaries
+    from cud_tf import run_dir as run_dir_lib
     from cud_tf.metrics import mnist_classifier
 
     if not FLAGS.run_dir:
@@ -129,7 +130,7 @@ def run(log=print):
         raise flags.ValidationError(f"--nfe must list positive integers, got {FLAGS.nfe}")
     scales = _floats(FLAGS.guidance_scale, "guidance_scale")
     solvers.get_tableau(FLAGS.sampler)
-    loaded = run_dirs.load_run(FLAGS.run_dir, weights=FLAGS.weights, checkpoint=FLAGS.checkpoint)
+    loaded = run_dir_lib.load_run(FLAGS.run_dir, weights=FLAGS.weights, checkpoint=FLAGS.checkpoint)
     net, cfg = loaded.net, loaded.config
     if FLAGS.head > cfg.num_heads:
         raise flags.ValidationError(f"--head={FLAGS.head} but the network of {FLAGS.run_dir} has "
@@ -275,7 +276,7 @@ def plot(result, path):
 def main(argv):
     from cud_tf.data import DataNotPreparedError
     from cud_tf.metrics import ClassifierError
-    from cud_tf.run_dirs import RunError
+    from cud_tf.run_dir import RunError
     common.run_or_fail(argv, run, RunError, ClassifierError, DataNotPreparedError, FileNotFoundError)
 
 

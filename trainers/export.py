@@ -29,6 +29,10 @@ def define_flags():
     _define(d.DEFINE_integer, "max_steps", 64, "Largest num_steps a generate request may ask for.", lower_bound=1)
     _define(d.DEFINE_float, "max_guidance", 10.0, "Largest guidance_scale (class-conditional runs).",
             lower_bound=0.0)
+    _define(d.DEFINE_list, "signatures", ["serving_default", "generate", "velocity"],
+            "Signatures to export (e.g. serving_default alone: a fixed --default_steps model).")
+    _define(d.DEFINE_boolean, "warmup", True, "Write assets.extra/tf_serving_warmup_requests, one request per "
+            "signature, that TF Serving runs on load (needs tensorflow-serving-api).")
 
 
 def run():
@@ -41,12 +45,13 @@ def run():
         raise flags.ValidationError("--name is required (the model name TF Serving serves, e.g. cud_mnist)")
     cfg = export.ExportConfig(sampler=FLAGS.sampler, head=FLAGS.head, grid=FLAGS.grid,
                               default_steps=FLAGS.default_steps, max_images=FLAGS.max_images,
-                              max_steps=FLAGS.max_steps, max_guidance=FLAGS.max_guidance)
+                              max_steps=FLAGS.max_steps, max_guidance=FLAGS.max_guidance,
+                              signatures=tuple(FLAGS.signatures), warmup=FLAGS.warmup)
     return export.export_run(FLAGS.run_dir, FLAGS.export_dir, FLAGS.name, cfg, checkpoint=FLAGS.checkpoint)
 
 
 def main(argv):
-    from cud_tf.run_dirs import RunError
+    from cud_tf.run_dir import RunError
     print(f"exported {common.run_or_fail(argv, run, RunError, OSError)}")
 
 

@@ -122,8 +122,9 @@ def run(log=print):
     import keras
     import tensorflow as tf
 
-    from cud_tf import run_dirs, training
-    from cud_tf.model import DiffusionModel
+    from cud_tf import training
+    from cud_tf import run_dir as run_dir_lib
+    from cud_tf.models.base import DiffusionModel
     from cud_tf.networks.unet import VelocityUNet
     from cud_tf.objectives import OBJECTIVES
     from cud_tf.objectives.onestep import OnestepConfig
@@ -137,7 +138,7 @@ def run(log=print):
         raise flags.ValidationError(
             f"--onestep_stages={FLAGS.onestep_stages} must lie in 1..{FLAGS.onestep_grid_steps}")
     bounds = stage_bounds(FLAGS.train_steps, len(stages))
-    init = run_dirs.load_run(FLAGS.init_run_dir)  # EMA weights
+    init = run_dir_lib.load_run(FLAGS.init_run_dir)  # EMA weights
     cfg = init.config
     if FLAGS.onestep_head > cfg.num_heads:
         raise flags.ValidationError(f"--onestep_head={FLAGS.onestep_head} but {FLAGS.init_run_dir} has "
@@ -194,7 +195,7 @@ def run(log=print):
 
 
 def main(argv):
-    from cud_tf.run_dirs import RunError
+    from cud_tf.run_dir import RunError
     from cud_tf.training import TrainingError
     common.run_or_fail(argv, run, TrainingError, RunError)
 
