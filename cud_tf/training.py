@@ -195,10 +195,28 @@ def train(model, strategy, make_dist_dataset: Callable[[int], object], cfg: Loop
             ckpt.close()
 
 
+def _start_line(model, strategy, cfg, resumed):
+    """One line: what trains where (strategy, devices, parameters, precision, XLA) and from where."""
+    params = sum(int(tf.size(v)) for v in model.net.trainable_variables)
+    if model.encoder is not None:
+        params += sum(int(tf.size(v)) for v in model.encoder.trainable_variables)
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: TF's own placement on this host
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")][:1] or ["CPU:0"]
+    where = f"resumed from {resumed} at step {int(model.step.numpy())}" if resumed else "a new run"
+    return (f"training {cfg.run_dir}: {type(strategy).__name__} on {len(devices)} device(s) "
+            f"({', '.join(d.split('device:')[-1] for d in devices)}), {params:,} parameters, "
+            f"{keras.mixed_precision.global_policy().name}, XLA {'on' if model.xla else 'off'}; {where}; "
+            f"to step {cfg.train_steps}")
+
+
 def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop, on_step):
-    if ckpt.restore():
-        log(f"resumed from {ckpt.latest} at step {int(model.step.numpy())}")
+    resumed = ckpt.restore()
+    if chief:
+        log(_start_line(model, strategy, cfg, resumed))
     start = int(model.step.numpy())
+    t_start = time.perf_counter()
     _check_workers_agree(strategy, model.step)
     on_step(start)
     iterator = iter(make_dist_dataset(start))
@@ -267,6 +285,9 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
     if chief:
         write_samples(model, image_shape, cfg, writer, step, png=True)
         writer.flush()
+        seconds = time.perf_counter() - t_start
+        log(f"done: step {step} in {seconds:.0f} s ({(step - start) * global_batch / max(seconds, 1e-9):.1f} img/s); "
+            f"checkpoints, TensorBoard events (tb/) and samples.png in {cfg.run_dir}")
     return metrics
 
 

@@ -87,11 +87,11 @@ def test_end_to_end_train_resume_sample(tiny_cud_run, mnist_data_dir, tmp_path):
         parse(f"--flagfile={run_dir}/flags.txt", "--train_steps=8", "--channels=16")
         with pytest.raises(RunError, match="another architecture"):
             cud_trainer.run()
-    # So is another objective (rectified flow on a CUD run), with the flags that differ, before anything is written.
+    # So is another objective (other step sizes and learning rate), naming the flags, before anything is written.
     with flagsaver.flagsaver():
-        parse(f"--flagfile={run_dir}/flags.txt", "--train_steps=8", "--method=rf", "--learning_rate=1e-3")
-        with pytest.raises(RunError, match=r"other settings \(--learning_rate: 0.002 recorded vs 0.001 now, "
-                                           r"--method: cud recorded vs rf now\)"):
+        parse(f"--flagfile={run_dir}/flags.txt", "--train_steps=8", "--cud_step=origin", "--learning_rate=1e-3")
+        with pytest.raises(RunError, match=r"other settings \(--cud_step: uniform recorded vs origin now, "
+                                           r"--learning_rate: 0.002 recorded vs 0.001 now\)"):
             cud_trainer.run()
     assert "ckpt-6.index" in os.listdir(os.path.join(run_dir, "checkpoints"))
     assert "ckpt-8.index" not in os.listdir(os.path.join(run_dir, "checkpoints"))

@@ -260,6 +260,9 @@ def run_or_fail(argv, run, *errors):
     from cud_tf.training import Interrupted, TrainingError
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --help)")
+    from absl import logging
+    if not FLAGS["verbosity"].present:  # absl would log at INFO (tfds' and TF's Python notices): warnings only
+        logging.set_verbosity(logging.WARNING)
     if os.environ.get("BUILD_WORKSPACE_DIRECTORY"):  # `bazel run`: relative paths mean the workspace's
         os.chdir(os.environ["BUILD_WORKSPACE_DIRECTORY"])
     try:

@@ -1,9 +1,9 @@
 """The keras.Model whose one `train_step` serves every objective.
 
-It reduces the objective's per-example losses per optimizer group with `tf.nn.compute_average_loss`,
-all-reduces the gradients once, checks that they are finite, clips them by global norm, applies them with
-AdamW (whose `use_ema` keeps the EMA of the weights) and returns per-replica metric contributions that the
-training loop sums across replicas.
+It reduces the objective's per-example losses per optimizer group to each replica's share of the global-batch
+mean (the arithmetic of `tf.nn.compute_average_loss`), all-reduces the gradients once, checks that they are
+finite, clips them by global norm, applies them with AdamW (whose `use_ema` keeps the EMA of the weights) and
+returns per-replica metric contributions that the training loop sums across replicas.
 
 What a method adds goes through public hooks, never through the step itself (docs/architecture.md):
 `prepare_step()` before the losses and `finish_step(applied)` after the update (both in cross-replica
@@ -11,6 +11,7 @@ context, where mirrored variables may be assigned), `active_groups(step)` for op
 some steps only, and `losses_and_grads(...)` for a method that chooses between objectives per step.
 """
 import dataclasses
+import functools
 from typing import Callable, Dict, Optional
 
 import keras
@@ -89,7 +90,7 @@ class DiffusionModel(keras.Model):
         super().__init__(**kw)
         self.net, self.encoder = net, encoder
         self.objective, self.objective_cfg = objective, objective_cfg
-        self.global_batch_size, self.seed, self.jit_compile = global_batch_size, seed, jit_compile
+        self.global_batch_size, self.seed, self.xla = global_batch_size, seed, jit_compile
         self._objective_steps = {}
         self.ema_net = clone_network(net, "ema_net")
         self._ema_targets = list(self.ema_net.trainable_variables)  # before freezing: then the list is empty
@@ -185,21 +186,27 @@ class DiffusionModel(keras.Model):
         """`(batch, step, replica_id, num_replicas) -> (metrics, grads)` for `objective`: one XLA computation
         per replica with `jit_compile`, built once per objective."""
         if objective not in self._objective_steps:
-            fn = lambda *a: self._compute_losses_and_grads(objective, *a)  # noqa: E731
-            self._objective_steps[objective] = tf.function(fn, jit_compile=True) if self.jit_compile else fn
+            fn = functools.partial(self._compute_losses_and_grads, objective)
+            self._objective_steps[objective] = tf.function(fn, jit_compile=True) if self.xla else fn
         return self._objective_steps[objective]
 
     # -- The step itself. --------------------------------------------------------------------------------------
+
+    def replica_share(self, per_example):
+        """This replica's share of the global-batch mean of `per_example` `[b]`: sum / global batch size, the
+        arithmetic of `tf.nn.compute_average_loss` without its run-time asserts on the (Python int) batch size,
+        which XLA drops with a warning per loss term."""
+        per_example = tf.convert_to_tensor(per_example)
+        return tf.math.divide_no_nan(tf.reduce_sum(per_example),
+                                     tf.cast(self.global_batch_size, per_example.dtype))
 
     def _compute_losses_and_grads(self, objective, batch, step, replica_id, num_replicas):
         """A group without a loss in the objective's output gets zero gradients."""
         rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), replica_id, num_replicas)
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
             out = objective(self.nets, batch, rng, step, self.objective_cfg)
-            losses = {g: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch_size)
-                      for g, v in out.per_example.items()}
-        metrics = {k: tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=self.global_batch_size)
-                   for k, v in out.metrics.items()}
+            losses = {g: self.replica_share(v) for g, v in out.per_example.items()}
+        metrics = {k: self.replica_share(tf.cast(v, tf.float32)) for k, v in out.metrics.items()}
         grads = {}
         for g, variables in self.group_vars.items():
             local = tape.gradient(losses[g], variables) if g in losses else [None] * len(variables)
