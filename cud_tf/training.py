@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from cud_tf import checkpointing, sampling, summaries
+from cud_tf.networks.unet import UNetConfig
 
 
 class TrainingError(RuntimeError):
@@ -96,6 +97,9 @@ def check_architecture(run_dir, arch: dict, write: bool = True):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        # A U-Net option added after the run was written reads as its default (the network it built then).
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(UNetConfig)}))
+        old = {**{k: v for k, v in defaults.items() if k in arch}, **old}
         diff = {k: (old.get(k), arch.get(k)) for k in set(old) | set(arch) if old.get(k) != arch.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a} in the checkpoint vs {b} now" for k, (a, b) in sorted(diff.items()))

@@ -3,6 +3,7 @@
 Only `trainers/` reads absl flags. `define_flags()` is called from each trainer's `__main__` and from tests.
 """
 import json
+import math
 import os
 import sys
 
@@ -57,6 +58,20 @@ def define_flags():
     _track(d.DEFINE_boolean, "mid_attention", True, "Self-attention in the middle block.")
     _track(d.DEFINE_float, "dropout", 0.13, "Dropout rate.", lower_bound=0.0, upper_bound=0.99)
     _track(d.DEFINE_float, "cskip", 0.5, "Dynamic skip constant c (0.5 = off).", lower_bound=0.0, upper_bound=1.0)
+    _track(d.DEFINE_enum, "resample", "pool", ["pool", "residual"], "U-Net resampling: average pool down and "
+           "nearest + 3x3 conv up, or resampling residual blocks (the CUD reference's DDPM++; ADM's resblock_updown).")
+    _track(d.DEFINE_boolean, "resample_proj", True, "Residual resampling: a 1x1 conv on the skip path (DDPM++) "
+           "instead of none (ADM).")
+    _track(d.DEFINE_enum, "attention_type", "keras", ["keras", "ddpmpp", "adm"], "Self-attention: Keras "
+           "MultiHeadAttention, x + a; ddpmpp: the CUD reference's, (proj(a) + x) * sqrt(0.5); adm: proj(a) + x.")
+    _track(d.DEFINE_integer, "attn_head_channels", 0, "Channels per attention head (ADM: 64; 0: one head).",
+           lower_bound=0)
+    _track(d.DEFINE_boolean, "scale_shift_norm", False, "ADM's scale-shift norm: the embedding scales and shifts "
+           "each residual block's second GroupNorm.")
+    _track(d.DEFINE_float, "residual_scale", math.sqrt(0.5), "Residual blocks output (skip + h) times this "
+           "(DDPM++: sqrt(0.5); ADM: 1).", lower_bound=0.0)
+    _track(d.DEFINE_enum, "decoder_attention", "last", ["last", "every"], "Decoder attention after the last "
+           "block of a level (DDPM++) or after every block (ADM).")
     _track(d.DEFINE_integer, "num_classes", 0, "Classes of a class-conditional network (0: unconditional; "
            "-1: the data set's number).", lower_bound=-1)
     _track(d.DEFINE_float, "label_dropout", 0.1, "Null-label probability of a conditional network.",
@@ -108,7 +123,10 @@ def network_config(image_shape, num_heads=1, num_classes=None):
         channel_mult=int_list(FLAGS.channel_mult, "channel_mult"), num_res_blocks=FLAGS.num_res_blocks,
         attn_resolutions=int_list(FLAGS.attn_resolutions, "attn_resolutions"), mid_attention=FLAGS.mid_attention,
         dropout=FLAGS.dropout, cskip=FLAGS.cskip, num_heads=num_heads,
-        num_classes=FLAGS.num_classes if num_classes is None else num_classes)
+        num_classes=FLAGS.num_classes if num_classes is None else num_classes,
+        resample=FLAGS.resample, resample_proj=FLAGS.resample_proj, attention_type=FLAGS.attention_type,
+        attn_head_channels=FLAGS.attn_head_channels, scale_shift_norm=FLAGS.scale_shift_norm,
+        residual_scale=FLAGS.residual_scale, decoder_attention=FLAGS.decoder_attention)
 
 
 def data_config():
@@ -154,6 +172,10 @@ def describe_network(net_cfg, dropout=None):
     FLAGS.num_res_blocks, FLAGS.attn_resolutions = net_cfg.num_res_blocks, list(map(str, net_cfg.attn_resolutions))
     FLAGS.mid_attention, FLAGS.cskip, FLAGS.num_classes = net_cfg.mid_attention, net_cfg.cskip, net_cfg.num_classes
     FLAGS.dropout = net_cfg.dropout if dropout is None else dropout
+    FLAGS.resample, FLAGS.resample_proj, FLAGS.attention_type = net_cfg.resample, net_cfg.resample_proj, \
+        net_cfg.attention_type
+    FLAGS.attn_head_channels, FLAGS.scale_shift_norm = net_cfg.attn_head_channels, net_cfg.scale_shift_norm
+    FLAGS.residual_scale, FLAGS.decoder_attention = net_cfg.residual_scale, net_cfg.decoder_attention
 
 
 def load_distillation_teacher(teacher_run_dir, names):
