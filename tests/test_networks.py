@@ -11,7 +11,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from conftest import tiny_unet_config
-from cud_tf.networks.layers import QKVAttnBlock, ResBlock
+from cud_tf.networks.layers import AttnBlock, QKVAttnBlock, ResBlock
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, encode_noise, noise_encoder_config
 from trainers import common
 from trainers import cud as cud_trainer
@@ -161,6 +161,14 @@ def test_qkv_attention(form, head_channels):
     _perturb(attn)
     a = _attention_reference(x.numpy(), attn.qkv(attn.norm(x)).numpy(), c // (head_channels or c))
     np.testing.assert_allclose(attn(x), (attn.proj(a) + x) * skip_scale, atol=1e-4)
+
+
+def test_keras_attention_head_channels():
+    one, eight = AttnBlock(), AttnBlock(head_channels=8)
+    x = tf.random.normal([1, 4, 4, 64], seed=8)
+    one(x), eight(x)
+    assert (one.attn.num_heads, eight.attn.num_heads, eight.attn.key_dim) == (1, 8, 8)
+    assert one.count_params() == eight.count_params() == 2 * 64 + 4 * (64 * 64 + 64)
 
 
 def test_adm_form_network():
