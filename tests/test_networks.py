@@ -209,6 +209,15 @@ def test_block_flags_reach_the_config_and_default_to_its_defaults():
     assert {k: getattr(cfg, k) for k in NEW_OPTIONS} == dict(
         resample="residual", resample_proj=False, attention_type="adm", attn_head_channels=32, scale_shift_norm=True,
         residual_scale=1.0, decoder_attention="every")
+    # A distillation run's flags.txt describes its teacher's network: describe_network, then the flags, round-trip.
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud"])
+        common.describe_network(cfg)
+        written = common.flags_string().split()
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud", *written])
+        assert common.network_config((28, 28, 1)) == cfg
 
 
 @pytest.mark.parametrize("overrides,message", [
