@@ -136,6 +136,9 @@ def check_architecture(run_dir, arch: dict):
     old = read_json(os.path.join(run_dir, ARCH))
     if old is None:
         return
+    # A U-Net option added after the run was written reads as its default (the network it built then).
+    defaults = to_json({f.name: f.default for f in dataclasses.fields(UNetConfig)})
+    old = {**{k: v for k, v in defaults.items() if k in arch}, **old}
     diff = _diff(old, to_json(arch))
     if diff:
         detail = ", ".join(f"{k}: {a} in the checkpoint vs {b} now" for k, (a, b) in diff.items())

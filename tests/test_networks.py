@@ -1,9 +1,23 @@
-"""The velocity U-Net, its heads, the dynamic skip, the noise encoder, and class conditioning."""
+"""The velocity U-Net, its heads, the dynamic skip, the noise encoder, class conditioning, and the reference
+(DDPM++) and ADM blocks: residual resampling, their attention, scale-shift norm."""
+import json
+import math
+import os
+
 import numpy as np
+import pytest
 import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
 
 from conftest import tiny_unet_config
+from cud_tf.networks.layers import AttnBlock, QKVAttnBlock, ResBlock
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, encode_noise, noise_encoder_config
+from trainers import common
+from trainers import cud as cud_trainer
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_heads_share_features_and_have_image_shape():
@@ -23,11 +37,210 @@ def test_dynamic_skip_weight():
     np.testing.assert_allclose(off.phi(tf.constant([0.0, 1.0])), [0.5, 0.5])  # factors 2*phi = 1: plain U-Net
 
 
-def test_mnist_paper_network_structure():
+def test_default_network_keeps_bare_resampling():
+    # The defaults are cud-tf's first form of the paper layout: average pool down, nearest + 3x3 conv up.
     net = VelocityUNet(UNetConfig()).build_variables()
-    # Bare-pool resampling: the reference quotes 2,155,201 (docs/algorithms.md, Deviations from the papers).
     assert net.count_params() == 1_882_945
+    convs = [layer for kind, layer in net.up if kind == "upsample"]
+    assert [c.count_params() for c in convs] == [36_928, 36_928]  # 3x3 conv 64 -> 64
+    # The residual blocks' four resampling blocks (4 x 86,528) replace those two convs: the reference's count.
+    assert 1_882_945 + 4 * 86_528 - 2 * 36_928 == 2_155_201
     assert net(tf.zeros([1, 28, 28, 1]), tf.ones([1]), head=1).shape == (1, 28, 28, 1)
+
+
+def _config_from_flagfile(name, image_shape, num_heads):
+    cud_trainer.define_flags()
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud", f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
+        return common.network_config(image_shape, num_heads=num_heads), FLAGS.noise_encoder
+
+
+def _resampling_blocks(net):
+    return {block.name: block for block, _ in net.down if isinstance(block, ResBlock) and block.resample} | {
+        layer.name: layer for kind, layer in net.up if kind == "res_up"}
+
+
+def test_mnist_paper_network_from_its_config():
+    cfg, encoder = _config_from_flagfile("mnist.cfg", (28, 28, 1), num_heads=3)
+    assert (cfg.resample, cfg.attention_type, encoder) == ("residual", "ddpmpp", True)
+    net = VelocityUNet(cfg).build_variables()
+    assert [g.count_params() for g in net.heads] == [705, 705, 705]  # GN(64) + 3x3 conv 64 -> 1
+    assert net.count_params() == 2_155_201 + 2 * 705
+    blocks = _resampling_blocks(net)
+    # The reference's 14x14_down, 7x7_down, 14x14_up and 28x28_up.
+    assert sorted(blocks) == ["down0_down", "down1_down", "up1_up", "up2_up"]
+    assert {name: b.count_params() for name, b in blocks.items()} == dict.fromkeys(blocks, 86_528)
+    assert not any(kind == "upsample" for kind, _ in net.up)
+    attn = [layer for kind, layer in net.up if kind == "attn"] + [net.mid[1]]
+    assert [type(a).__name__ for a in attn] == ["QKVAttnBlock"]  # only the middle block's (16x16 never occurs)
+    enc = VelocityUNet(noise_encoder_config(cfg)).build_variables()
+    assert enc.count_params() == 2_155_778
+    x = tf.random.normal([2, 28, 28, 1], seed=5)
+    assert net(x, tf.constant([0.2, 0.7]), head=2).shape == (2, 28, 28, 1)
+
+
+def test_cifar10_paper_network_parameter_count():
+    cfg, _ = _config_from_flagfile("cifar10.cfg", (32, 32, 3), num_heads=1)
+    net = VelocityUNet(cfg).build_variables()  # one batch-1 call (~18 s here); never trained in tests
+    assert net.count_params() == 55_732_739
+    # At 256 channels, embedding 512; the bare-pool form (51,399,683) has two 3x3 up convs instead.
+    blocks = _resampling_blocks(net)
+    assert len(blocks) == 4 and {b.count_params() for b in blocks.values()} == {1_378_304}
+    assert 55_732_739 - 4 * 1_378_304 + 2 * (256 * 256 * 9 + 256) == 51_399_683
+
+
+def _perturb(layer, seed=1):
+    for i, w in enumerate(layer.trainable_variables):  # residual branches start at zero: perturb everything
+        w.assign(w + tf.random.normal(w.shape, stddev=0.1, seed=seed + i))
+
+
+def _box_down(x):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _box_up(x):
+    return x.repeat(2, axis=1).repeat(2, axis=2)
+
+
+@pytest.mark.parametrize("resample,proj", [("down", True), ("up", True), ("down", False), ("up", False)])
+def test_resampling_block(resample, proj):
+    block = ResBlock(64, resample=resample, resample_proj=proj)
+    x, emb = tf.random.normal([2, 8, 8, 64], seed=1), tf.random.normal([2, 128], seed=2)
+    out = block(x, emb)
+    assert out.shape == ((2, 4, 4, 64) if resample == "down" else (2, 16, 16, 64))
+    assert block.count_params() == 86_528 - (0 if proj else 64 * 64 + 64)
+    box = _box_down if resample == "down" else _box_up
+    if not proj:  # at init conv1 is ~0: the block is the resampled identity times sqrt(0.5) (ADM skip path)
+        np.testing.assert_allclose(out, box(x.numpy()) * math.sqrt(0.5), atol=1e-4)
+    _perturb(block)
+    # Independent of the block's own resampling: the box filter between norm0 -> SiLU and conv0, and on the skip.
+    h = block.conv0(box(tf.nn.silu(block.norm0(x)).numpy()))
+    h = block.conv1(tf.nn.silu(block.norm1(h + block.emb_proj(emb)[:, None, None, :])))
+    skip = box(x.numpy())
+    skip = block.skip(skip) if proj else skip
+    np.testing.assert_allclose(block(x, emb), (skip + h) * math.sqrt(0.5), atol=1e-4)
+
+
+def test_scale_shift_norm_is_a_film_of_the_second_group_norm():
+    block = ResBlock(16, scale_shift_norm=True, skip_scale=1.0)
+    x, emb = tf.random.normal([2, 4, 4, 8], seed=3), tf.random.normal([2, 32], seed=4)
+    block(x, emb)
+    assert block.emb_proj.kernel.shape == (32, 32)  # [scale, shift]: 2 x 16
+    _perturb(block)
+    scale, shift = np.split(block.emb_proj(emb).numpy()[:, None, None, :], 2, axis=-1)
+    h = block.norm1(block.conv0(tf.nn.silu(block.norm0(x)))) * (1.0 + scale) + shift
+    np.testing.assert_allclose(block(x, emb), block.skip(x) + block.conv1(tf.nn.silu(h)), atol=1e-5)
+
+
+def _attention_reference(x, qkv, heads):
+    """numpy multi-head attention: qkv `[B, H, W, 3C]` laid out [heads, d, (q, k, v)] -> `[B, H, W, C]`."""
+    b, h, w, c = x.shape
+    d = c // heads
+    qkv = qkv.reshape(b, h * w, heads, d, 3)
+    q, k, v = (qkv[..., i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, HW, d]
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("form,head_channels", [("ddpmpp", 0), ("adm", 8)])
+def test_qkv_attention(form, head_channels):
+    c = 64
+    attn = QKVAttnBlock(form, head_channels)
+    x = tf.random.normal([2, 4, 4, c], seed=6)
+    out = attn(x)
+    skip_scale = math.sqrt(0.5) if form == "ddpmpp" else 1.0
+    np.testing.assert_allclose(out, x * skip_scale, atol=1e-4)  # proj starts near zero (1e-5 x Glorot)
+    assert attn.count_params() == 2 * c + 4 * (c * c + c)  # GN + qkv + proj
+    # qkv init: Glorot uniform x sqrt(0.2) (SongUNet) or U(+-1/sqrt(C)) (PyTorch's default, ADM).
+    limit = math.sqrt(0.2) * math.sqrt(6 / (c + 3 * c)) if form == "ddpmpp" else 1 / math.sqrt(c)
+    assert 0.98 * limit < np.abs(attn.qkv.kernel.numpy()).max() <= limit
+    _perturb(attn)
+    a = _attention_reference(x.numpy(), attn.qkv(attn.norm(x)).numpy(), c // (head_channels or c))
+    np.testing.assert_allclose(attn(x), (attn.proj(a) + x) * skip_scale, atol=1e-4)
+
+
+def test_keras_attention_head_channels():
+    one, eight = AttnBlock(), AttnBlock(head_channels=8)
+    x = tf.random.normal([1, 4, 4, 64], seed=8)
+    one(x), eight(x)
+    assert (one.attn.num_heads, eight.attn.num_heads, eight.attn.key_dim) == (1, 8, 8)
+    assert one.count_params() == eight.count_params() == 2 * 64 + 4 * (64 * 64 + 64)
+
+
+def test_adm_form_network():
+    cfg = tiny_unet_config(resample="residual", resample_proj=False, attention_type="adm", attn_head_channels=4,
+                           scale_shift_norm=True, residual_scale=1.0, decoder_attention="every",
+                           channel_mult=(1, 2, 4), attn_resolutions=(8, 4), mid_attention=True, num_classes=10)
+    net = VelocityUNet(cfg).build_variables()
+    up_attn = [layer.name for kind, layer in net.up if kind == "attn"]
+    assert up_attn == ["up1_attn0", "up1_attn1", "up0_attn0", "up0_attn1"]  # after every decoder block
+    blocks = _resampling_blocks(net)
+    assert all(b.skip is None for b in blocks.values())  # channels kept: identity skip paths
+    _perturb(net)
+    x, t, y = tf.random.normal([2, 8, 8, 1], seed=7), tf.constant([0.1, 0.8]), tf.constant([3, 10])
+    v = net(x, t, y, head=1)
+    assert v.shape == (2, 8, 8, 1) and np.all(np.isfinite(v))
+    # Each resampling block keeps its level's channels, as the reference's (down0, down1, up2, up1).
+    assert {name: b.out_channels for name, b in blocks.items()} == {"down0_down": 8, "down1_down": 16,
+                                                                      "up2_up": 32, "up1_up": 16}
+    assert all(b.scale_shift_norm and b.skip_scale == 1.0 for b in [net.mid[0], *blocks.values()])
+    assert (net.mid[1].form, net.mid[1].head_channels) == ("adm", 4)
+
+
+NEW_OPTIONS = ("resample", "resample_proj", "attention_type", "attn_head_channels", "scale_shift_norm",
+               "residual_scale", "decoder_attention")
+
+
+def test_block_flags_reach_the_config_and_default_to_its_defaults():
+    cud_trainer.define_flags()
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud"])
+        default = common.network_config((28, 28, 1))
+        assert {k: getattr(default, k) for k in NEW_OPTIONS} == {k: getattr(UNetConfig(), k) for k in NEW_OPTIONS}
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud", "--resample=residual", "--noresample_proj", "--attention_type=adm",
+               "--attn_head_channels=32", "--scale_shift_norm", "--residual_scale=1", "--decoder_attention=every"])
+        cfg = common.network_config((28, 28, 1))
+    assert {k: getattr(cfg, k) for k in NEW_OPTIONS} == dict(
+        resample="residual", resample_proj=False, attention_type="adm", attn_head_channels=32, scale_shift_norm=True,
+        residual_scale=1.0, decoder_attention="every")
+    # A distillation run's flags.txt describes its teacher's network: describe_network, then the flags, round-trip.
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud"])
+        common.describe_network(cfg)
+        written = common.flags_string().split()
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.cud", *written])
+        assert common.network_config((28, 28, 1)) == cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(resample="strided"), "resample='strided' must be one of pool, residual"),
+    (dict(attention_type="linear"), "attention_type='linear' must be one of keras, ddpmpp, adm"),
+    (dict(decoder_attention="first"), "decoder_attention='first' must be one of last, every"),
+    (dict(resample_proj=False), "resample_proj=False applies only to resample='residual'"),
+    (dict(residual_scale=0.0), "residual_scale=0.0 must be > 0"),
+    (dict(attn_head_channels=3, attn_resolutions=(4,)), "attn_head_channels=3 does not divide"),
+])
+def test_bad_block_options_fail_with_one_line(overrides, message):
+    with pytest.raises(ValueError, match=message) as e:
+        tiny_unet_config(**overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_quickstart_network_unchanged():
+    # configs/mnist_quick.cfg keeps the bare resampling: same parameters and variable paths as before.
+    cfg, _ = _config_from_flagfile("mnist_quick.cfg", (28, 28, 1), num_heads=1)
+    assert (cfg.resample, cfg.attention_type, cfg.scale_shift_norm) == ("pool", "keras", False)
+    net = VelocityUNet(cfg).build_variables()
+    assert net.count_params() == 622_561
+    assert {"up1_conv", "up2_conv"} <= {layer.name for kind, layer in net.up if kind == "upsample"}
 
 
 def test_noise_encoder_reparameterisation_and_kl():
@@ -66,3 +279,13 @@ def test_checkpoint_holds_every_variable(tmp_path):
     assert len(checkpoint_variables(net)) == len(net.variables)
     for a, b in zip(net.variables, other.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_run_directory_written_before_the_block_options_still_resumes(tmp_path):
+    from cud_tf import training
+    arch = common.arch_dict(tiny_unet_config(), False)
+    (tmp_path / "arch.json").write_text(json.dumps({k: v for k, v in arch.items() if k not in NEW_OPTIONS}))
+    training.check_architecture(str(tmp_path), arch, write=False)  # the options it lacks read as their defaults
+    other = common.arch_dict(tiny_unet_config(resample="residual"), False)
+    with pytest.raises(training.TrainingError, match="resample: pool in the checkpoint vs residual now"):
+        training.check_architecture(str(tmp_path), other, write=False)

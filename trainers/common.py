@@ -86,6 +86,22 @@ def define_flags():
     define(d.DEFINE_float, "dropout", default(N, "dropout"), "Dropout rate.", lower_bound=0.0, upper_bound=0.99)
     define(d.DEFINE_float, "cskip", default(N, "cskip"), "Dynamic skip constant c (0.5 = off).", lower_bound=0.0,
            upper_bound=1.0)
+    define(d.DEFINE_enum, "resample", default(N, "resample"), ["pool", "residual"], "U-Net resampling: average "
+           "pool down and nearest + 3x3 conv up, or resampling residual blocks (the CUD reference's DDPM++; ADM's "
+           "resblock_updown).")
+    define(d.DEFINE_boolean, "resample_proj", default(N, "resample_proj"), "Residual resampling: a 1x1 conv on the "
+           "skip path (DDPM++) instead of none (ADM).")
+    define(d.DEFINE_enum, "attention_type", default(N, "attention_type"), ["keras", "ddpmpp", "adm"], "Self-"
+           "attention: Keras MultiHeadAttention, x + a; ddpmpp: the CUD reference's, (proj(a) + x) * sqrt(0.5); "
+           "adm: proj(a) + x.")
+    define(d.DEFINE_integer, "attn_head_channels", default(N, "attn_head_channels"), "Channels per attention head "
+           "(ADM: 64; 0: one head).", lower_bound=0)
+    define(d.DEFINE_boolean, "scale_shift_norm", default(N, "scale_shift_norm"), "ADM's scale-shift norm: the "
+           "embedding scales and shifts each residual block's second GroupNorm.")
+    define(d.DEFINE_float, "residual_scale", default(N, "residual_scale"), "Residual blocks output (skip + h) times "
+           "this (DDPM++: sqrt(0.5); ADM: 1).", lower_bound=0.0)
+    define(d.DEFINE_enum, "decoder_attention", default(N, "decoder_attention"), ["last", "every"], "Decoder "
+           "attention after the last block of a level (DDPM++) or after every block (ADM).")
     define(d.DEFINE_integer, "num_classes", default(N, "num_classes"), "Classes of a class-conditional network (0: "
            "unconditional; -1: the data set's number).", lower_bound=-1)
     define(d.DEFINE_float, "label_dropout", 0.1, "Null-label probability of a conditional network.",
@@ -135,7 +151,10 @@ def network_config(image_shape, num_heads=1, num_classes=None):
         channel_mult=int_list(FLAGS.channel_mult, "channel_mult"), num_res_blocks=FLAGS.num_res_blocks,
         attn_resolutions=int_list(FLAGS.attn_resolutions, "attn_resolutions"), mid_attention=FLAGS.mid_attention,
         dropout=FLAGS.dropout, cskip=FLAGS.cskip, num_heads=num_heads,
-        num_classes=FLAGS.num_classes if num_classes is None else num_classes)
+        num_classes=FLAGS.num_classes if num_classes is None else num_classes,
+        resample=FLAGS.resample, resample_proj=FLAGS.resample_proj, attention_type=FLAGS.attention_type,
+        attn_head_channels=FLAGS.attn_head_channels, scale_shift_norm=FLAGS.scale_shift_norm,
+        residual_scale=FLAGS.residual_scale, decoder_attention=FLAGS.decoder_attention)
 
 
 def data_config():

@@ -1,4 +1,4 @@
-"""Building blocks of the DDPM++-style velocity U-Net (Ho et al. 2020; Song et al. 2021).
+"""Building blocks of the velocity U-Net: DDPM++ (Ho et al. 2020; Song et al. 2021) and ADM (Dhariwal & Nichol 2021).
 
 Images are NHWC `[B, H, W, C]`; times `[B]`; embeddings `[B, E]`.
 """
@@ -11,6 +11,26 @@ from keras import layers, ops
 def zero_init():
     """Near-zero initialiser for the last conv of a residual branch or an output head (DDPM's init_scale=0)."""
     return keras.initializers.VarianceScaling(scale=1e-10, mode="fan_avg", distribution="uniform")
+
+
+def attention_qkv_init():
+    """Init of the DDPM++ attention's qkv projection: Glorot uniform times sqrt(0.2) (the CUD/EDM SongUNet)."""
+    return keras.initializers.VarianceScaling(scale=0.2, mode="fan_avg", distribution="uniform")
+
+
+def torch_default_init():
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default conv weight init, which ADM's attention qkv keeps."""
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def downsample(x):
+    """2x2 box filter, stride 2 (the reference's resample_filter [1,1]): `[B, H, W, C] -> [B, H/2, W/2, C]`."""
+    return ops.average_pool(x, 2, strides=2)
+
+
+def upsample(x):
+    """Nearest-neighbour 2x (the transposed [1,1] box filter): `[B, H, W, C] -> [B, 2H, 2W, C]`."""
+    return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def group_norm(channels, **kw):
@@ -52,46 +72,119 @@ class TimeEmbedding(layers.Layer):
         return ops.silu(emb)
 
 
+# DDPM++ residual block (Song et al. 2021; the CUD reference's UNetBlock), with ADM's options (Dhariwal & Nichol 2021).
 class ResBlock(layers.Layer):
-    """GN -> SiLU -> conv3x3, + Dense(emb), GN -> SiLU -> dropout -> conv3x3; 1x1 skip; output times sqrt(0.5)."""
+    """`x [B,H,W,C_in], emb [B,E] -> [B,H',W',C_out]`: GN -> SiLU -> conv3x3, + Dense(emb), GN -> SiLU -> dropout
+    -> conv3x3 (near-zero init); skip path 1x1 conv when channels change; output (skip + h) * skip_scale.
 
-    def __init__(self, out_channels, dropout=0.0, **kw):
+    `resample="down"|"up"` makes it a resampling block (H' = H/2 or 2H): the 2x2 box resampling happens after the
+    first GN -> SiLU, before conv0, and the skip path is resampled the same way, then a 1x1 conv when
+    `resample_proj` (DDPM++'s resample_proj=True) or the channels change, else nothing (ADM's resblock_updown).
+    `scale_shift_norm` (ADM's use_scale_shift_norm, a FiLM of the second GroupNorm): Dense(emb) gives
+    `[scale, shift]` `[B, 2 C_out]` and h = GN(h) * (1 + scale) + shift, instead of adding Dense(emb) before it.
+    """
+
+    def __init__(self, out_channels, dropout=0.0, resample=None, resample_proj=True, scale_shift_norm=False,
+                 skip_scale=math.sqrt(0.5), **kw):
         super().__init__(**kw)
+        if resample not in (None, "down", "up"):
+            raise ValueError(f"resample={resample!r} must be None, 'down' or 'up'")
         self.out_channels = out_channels
         self.dropout_rate = dropout
+        self.resample = resample
+        self.resample_proj = resample_proj
+        self.scale_shift_norm = scale_shift_norm
+        self.skip_scale = skip_scale
 
     def build(self, input_shape):
         in_channels = input_shape[-1]
         self.norm0 = group_norm(in_channels, name="norm0")
         self.conv0 = layers.Conv2D(self.out_channels, 3, padding="same", name="conv0")
-        self.emb_proj = layers.Dense(self.out_channels, name="emb_proj")
+        emb_out = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
+        self.emb_proj = layers.Dense(emb_out, name="emb_proj")
         self.norm1 = group_norm(self.out_channels, name="norm1")
         self.dropout = layers.Dropout(self.dropout_rate)
         self.conv1 = layers.Conv2D(self.out_channels, 3, padding="same", kernel_initializer=zero_init(), name="conv1")
-        self.skip = (
-            layers.Conv2D(self.out_channels, 1, name="skip") if in_channels != self.out_channels else None
-        )
+        project = in_channels != self.out_channels or (self.resample is not None and self.resample_proj)
+        self.skip = layers.Conv2D(self.out_channels, 1, name="skip") if project else None
+
+    def _resample(self, x):
+        return downsample(x) if self.resample == "down" else upsample(x) if self.resample == "up" else x
+
+    def _skip(self, x):
+        # A 1x1 conv commutes with both box resamplings: run it at the lower resolution.
+        if self.resample == "up":
+            return upsample(self.skip(x) if self.skip is not None else x)
+        x = self._resample(x)
+        return self.skip(x) if self.skip is not None else x
 
     def call(self, x, emb, training=None):
-        h = self.conv0(ops.silu(self.norm0(x)))
-        h = h + self.emb_proj(emb)[:, None, None, :]
-        h = self.conv1(self.dropout(ops.silu(self.norm1(h)), training=training))
-        skip = self.skip(x) if self.skip is not None else x
-        return (skip + h) * math.sqrt(0.5)
+        h = self.conv0(self._resample(ops.silu(self.norm0(x))))
+        e = self.emb_proj(emb)[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = ops.split(e, 2, axis=-1)
+            h = self.norm1(h) * (1.0 + scale) + shift
+        else:
+            h = self.norm1(h + e)
+        h = self.conv1(self.dropout(ops.silu(h), training=training))
+        return (self._skip(x) + h) * self.skip_scale
 
 
 class AttnBlock(layers.Layer):
-    """Single-head self-attention over the H*W positions with a GN pre-norm and a residual connection."""
+    """Keras' MultiHeadAttention over the H*W positions with a GN pre-norm and a plain residual add (cud-tf's first
+    form): `[B, H, W, C] -> [B, H, W, C]`; one head of C channels, or C / head_channels heads of head_channels."""
+
+    def __init__(self, head_channels=0, **kw):
+        super().__init__(**kw)
+        self.head_channels = head_channels
 
     def build(self, input_shape):
         c = input_shape[-1]
         self.norm = group_norm(c, name="norm")
-        self.attn = layers.MultiHeadAttention(num_heads=1, key_dim=c, name="attn")
+        d = self.head_channels or c
+        self.attn = layers.MultiHeadAttention(num_heads=c // d, key_dim=d, name="attn")
 
     def call(self, x):
         b, h, w, c = ops.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
         seq = ops.reshape(self.norm(x), [b, h * w, c])
         return x + ops.reshape(self.attn(seq, seq), [b, h, w, c])
+
+
+# Self-attention of DDPM++ (Song et al. 2021; the CUD reference's UNetBlock attention) and ADM (Dhariwal & Nichol 2021).
+class QKVAttnBlock(layers.Layer):
+    """`[B, H, W, C] -> [B, H, W, C]`: GN -> 1x1 conv qkv `[B, H, W, 3C]` -> per head softmax(q k^T / sqrt(d)) v
+    over the H*W positions (d = head_channels, or C for one head; the softmax in float32) -> 1x1 conv proj
+    (near-zero init), output (proj(a) + x) * skip_scale.
+
+    `form="ddpmpp"`: qkv init Glorot * sqrt(0.2), skip_scale sqrt(0.5) (SongUNet). `form="adm"`: qkv init
+    U(+-1/sqrt(C)) (PyTorch's default, kept by ADM), skip_scale 1. qkv's channels are laid out
+    `[heads, d, (q, k, v)]`, as in the reference UNetBlock.
+    """
+
+    def __init__(self, form="ddpmpp", head_channels=0, **kw):
+        super().__init__(**kw)
+        if form not in ("ddpmpp", "adm"):
+            raise ValueError(f"form={form!r} must be 'ddpmpp' or 'adm'")
+        self.form = form
+        self.head_channels = head_channels
+        self.skip_scale = math.sqrt(0.5) if form == "ddpmpp" else 1.0
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        self.norm = group_norm(c, name="norm")
+        init = attention_qkv_init() if self.form == "ddpmpp" else torch_default_init()
+        self.qkv = layers.Conv2D(3 * c, 1, kernel_initializer=init, name="qkv")
+        self.proj = layers.Conv2D(c, 1, kernel_initializer=zero_init(), name="proj")
+
+    def call(self, x):
+        b, h, w, c = ops.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
+        d = self.head_channels or c
+        qkv = ops.reshape(self.qkv(self.norm(x)), [b, h * w, c // d, d, 3])
+        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, HW, heads, d]
+        logits = ops.einsum("bqnd,bknd->bnqk", ops.cast(q, "float32"), ops.cast(k, "float32")) / math.sqrt(d)
+        weights = ops.cast(ops.softmax(logits, axis=-1), v.dtype)
+        a = ops.reshape(ops.einsum("bnqk,bknd->bqnd", weights, v), [b, h, w, c])
+        return (self.proj(a) + x) * self.skip_scale
 
 
 class OutputHead(layers.Layer):

@@ -5,17 +5,31 @@ Distillation (Shao et al. 2023, arXiv 2305.10769): phi(t) = c + t (1 - 2c), and 
 concat[h_dec * 2 phi(t), skip * 2 (1 - phi(t))]; c = 0.5 is a plain U-Net.
 """
 import dataclasses
+import math
 import re
 
 import keras
 from keras import layers, ops
 
-from cud_tf.networks.layers import AttnBlock, OutputHead, ResBlock, TimeEmbedding, group_norm
+from cud_tf.networks.layers import AttnBlock, OutputHead, QKVAttnBlock, ResBlock, TimeEmbedding, downsample, upsample
+
+
+RESAMPLE = ("pool", "residual")
+ATTENTION_TYPES = ("keras", "ddpmpp", "adm")
+DECODER_ATTENTION = ("last", "every")
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of a velocity U-Net; the defaults are the MNIST paper network (docs/algorithms.md section 4)."""
+    """Architecture of a velocity U-Net.
+
+    The defaults are the MNIST paper network's layout (Shao et al. 2023) with cud-tf's first resampling and
+    attention (average-pool down, nearest + 3x3 conv up, Keras attention): 1,882,945 parameters. With
+    `resample="residual", attention_type="ddpmpp"` it is the reference SongUNet (DDPM++) of the CUD code:
+    2,155,201 parameters. ADM (Dhariwal & Nichol 2021) is `resample="residual", resample_proj=False,
+    attention_type="adm", attn_head_channels=64, scale_shift_norm=True, residual_scale=1,
+    decoder_attention="every"`.
+    """
 
     image_shape: tuple = (28, 28, 1)
     base_channels: int = 32
@@ -29,6 +43,14 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional
     out_channels: int = 0  # 0: the image's channels
     fixed_time: float = -1.0  # >= 0: ignore t and use this time (the noise encoder uses 1)
+    # "pool": average pool down, nearest + 3x3 conv up; "residual": resampling residual blocks (DDPM++ / ADM).
+    resample: str = "pool"
+    resample_proj: bool = True  # residual resampling: 1x1 conv on the skip path (DDPM++) or none (ADM)
+    attention_type: str = "keras"  # "keras": MultiHeadAttention, x + a; "ddpmpp"/"adm": see layers.QKVAttnBlock
+    attn_head_channels: int = 0  # channels per attention head (ADM: 64); 0: one head over all channels
+    scale_shift_norm: bool = False  # ADM's FiLM of the residual blocks' second GroupNorm by the embedding
+    residual_scale: float = math.sqrt(0.5)  # residual blocks output (skip + h) * this (DDPM++: sqrt(0.5), ADM: 1)
+    decoder_attention: str = "last"  # attention after the last decoder block of a level (DDPM++) or every (ADM)
 
     def __post_init__(self):
         h, w, _ = self.image_shape
@@ -42,6 +64,25 @@ class UNetConfig:
             raise ValueError(f"cskip={self.cskip} must lie in [0, 1] (0.5 turns the dynamic skip off)")
         if self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads} must be >= 1")
+        for name, choices in (("resample", RESAMPLE), ("attention_type", ATTENTION_TYPES),
+                              ("decoder_attention", DECODER_ATTENTION)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+        if not self.resample_proj and self.resample != "residual":
+            raise ValueError("resample_proj=False applies only to resample='residual' (pool has no skip path)")
+        if self.residual_scale <= 0:
+            raise ValueError(f"residual_scale={self.residual_scale} must be > 0")
+        if self.attn_head_channels < 0:
+            raise ValueError(f"attn_head_channels={self.attn_head_channels} must be >= 0 (0: one head)")
+        if self.attn_head_channels:
+            widths = {self.base_channels * m for i, m in enumerate(self.channel_mult)
+                      if self.image_shape[0] >> i in self.attn_resolutions}
+            if self.mid_attention:
+                widths.add(self.base_channels * self.channel_mult[-1])
+            bad = sorted(c for c in widths if c % self.attn_head_channels)
+            if bad:
+                raise ValueError(f"attn_head_channels={self.attn_head_channels} does not divide the attention "
+                                 f"blocks' channels {bad}")
 
 
 class VelocityUNet(keras.Model):
@@ -64,30 +105,49 @@ class VelocityUNet(keras.Model):
         for level, mult in enumerate(c.channel_mult):
             for i in range(c.num_res_blocks):
                 ch = nf * mult
-                attn = AttnBlock(name=f"down{level}_attn{i}") if res in c.attn_resolutions else None
-                self.down.append((ResBlock(ch, c.dropout, name=f"down{level}_res{i}"), attn))
+                attn = self._attention(f"down{level}_attn{i}") if res in c.attn_resolutions else None
+                self.down.append((self._res_block(ch, f"down{level}_res{i}"), attn))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
-                self.down.append(("downsample", None))
+                if c.resample == "residual":
+                    self.down.append((self._res_block(ch, f"down{level}_down", resample="down"), None))
+                else:
+                    self.down.append(("downsample", None))
                 skip_channels.append(ch)
                 res //= 2
         self.mid = [
-            ResBlock(ch, c.dropout, name="mid_res0"),
-            AttnBlock(name="mid_attn") if c.mid_attention else None,
-            ResBlock(ch, c.dropout, name="mid_res1"),
+            self._res_block(ch, "mid_res0"),
+            self._attention("mid_attn") if c.mid_attention else None,
+            self._res_block(ch, "mid_res1"),
         ]
         self.up = []
         for level in reversed(range(len(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                self.up.append(("res", ResBlock(nf * c.channel_mult[level], c.dropout, name=f"up{level}_res{i}")))
-            if res in c.attn_resolutions:
-                self.up.append(("attn", AttnBlock(name=f"up{level}_attn")))
+                self.up.append(("res", self._res_block(nf * c.channel_mult[level], f"up{level}_res{i}")))
+                if c.decoder_attention == "every" and res in c.attn_resolutions:
+                    self.up.append(("attn", self._attention(f"up{level}_attn{i}")))
+            if c.decoder_attention == "last" and res in c.attn_resolutions:
+                self.up.append(("attn", self._attention(f"up{level}_attn")))
             if level != 0:
-                self.up.append(("upsample", layers.Conv2D(ch, 3, padding="same", name=f"up{level}_conv")))
+                if c.resample == "residual":  # keeps this level's channels, as the reference's up blocks
+                    up = self._res_block(nf * c.channel_mult[level], f"up{level}_up", resample="up")
+                    self.up.append(("res_up", up))
+                else:  # cud-tf's first form: the conv outputs the deepest level's channels at every level
+                    self.up.append(("upsample", layers.Conv2D(ch, 3, padding="same", name=f"up{level}_conv")))
                 res *= 2
         out_channels = c.out_channels or c.image_shape[-1]
         self.heads = [OutputHead(out_channels, name=f"head{k + 1}") for k in range(c.num_heads)]
 
+    def _res_block(self, channels, name, resample=None):
+        c = self.config
+        return ResBlock(channels, c.dropout, resample=resample, resample_proj=c.resample_proj,
+                        scale_shift_norm=c.scale_shift_norm, skip_scale=c.residual_scale, name=name)
+
+    def _attention(self, name):
+        c = self.config
+        if c.attention_type == "keras":
+            return AttnBlock(c.attn_head_channels, name=name)
+        return QKVAttnBlock(c.attention_type, c.attn_head_channels, name=name)
 
     def phi(self, t):
         """Dynamic-skip weight phi(t) = c + t (1 - 2c), `[B]`."""
@@ -102,8 +162,8 @@ class VelocityUNet(keras.Model):
         h = self.conv_in(x)
         skips = [h]
         for block, attn in self.down:
-            if block == "downsample":
-                h = ops.average_pool(h, 2, strides=2)
+            if isinstance(block, str):  # "downsample"
+                h = downsample(h)
             else:
                 h = block(h, emb, training=training)
                 if attn is not None:
@@ -120,9 +180,10 @@ class VelocityUNet(keras.Model):
                           training=training)
             elif kind == "attn":
                 h = layer(h)
+            elif kind == "res_up":
+                h = layer(h, emb, training=training)
             else:
-                h = ops.repeat(ops.repeat(h, 2, axis=1), 2, axis=2)
-                h = layer(h)
+                h = layer(upsample(h))
         return h
 
     def call(self, x, t, y=None, training=None, head=None):
