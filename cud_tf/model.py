@@ -129,6 +129,7 @@ class DiffusionModel(keras.Model):
         step = tf.identity(self.step)
         if self.objective_cfg.catchup_model == "ema":
             ctx.merge_call(lambda _: self.sync_ema())  # mirrored variables are assigned in cross-replica context
+        ctx.merge_call(lambda _: self.prepare_step())
         replica_id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
         metrics, local_grads = self._losses_and_grads_fn(batch, step, replica_id, n)
         grads, finite = {}, tf.constant(True)
@@ -141,10 +142,18 @@ class DiffusionModel(keras.Model):
                 grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
         self._apply_if_finite(finite, grads, self.active_groups(step))
         self.step.assign_add(1)
+        ctx.merge_call(lambda _: self.finish_step())
         metrics["nonfinite"] = (1.0 - tf.cast(finite, tf.float32)) / n
         for g, opt in self.optimizers_by_group.items():
             metrics[f"lr_{g}"] = tf.cast(opt.learning_rate, tf.float32) / n
         return metrics
+
+    def prepare_step(self):
+        """Hook called once per step before the losses, in cross-replica context (default: nothing)."""
+
+    def finish_step(self):
+        """Hook called once after every update (skipped ones included), after `step` is incremented, in
+        cross-replica context (default: nothing)."""
 
     def active_groups(self, step) -> Dict[str, tf.Tensor]:
         """{group: bool scalar} for groups updated only on some steps (default: every group, every step)."""
