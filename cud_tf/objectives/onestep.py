@@ -1,5 +1,6 @@
 """Additional one-step training (the "two-session" stage of CUD): fit the one-step map z - f(z, 1) to stored
-trajectory predictions x0_hat^(m), with a pull towards the frozen initial EMA network (docs/algorithms.md section 7)."""
+trajectory predictions x0_hat^(m), with a pull towards f_EMA, the moving EMA of the student that
+`cud_tf.models.onestep.OnestepModel` keeps (arXiv 2305.10769; the authors' train_distill_update.py)."""
 import dataclasses
 
 import tensorflow as tf
@@ -16,7 +17,7 @@ class OnestepConfig(ObjectiveConfig):
 # Shao et al. 2023, "Catch-Up Distillation" (arXiv 2305.10769), one-step stage: |z-f-x0_hat^(m)|^2 + 0.1|f-f_EMA|^2.
 def loss(nets: Nets, batch, rng, step, cfg: OnestepConfig) -> LossOutput:
     """batch: {"z": `[B,H,W,C]` stored noise, "target": `[B,H,W,C]` x0_hat^(m) of its trajectory, and "label"
-    `[B]` for class-conditional networks}; the frozen initial EMA network is `nets.extra["f_ema"]`.
+    `[B]` for class-conditional networks}; f_EMA is `nets.extra["f_ema"]` (evaluated without dropout, no gradient).
     Per-example `[B]` loss in group "velocity"."""
     del rng, step
     z, target, y = batch["z"], batch["target"], batch.get("label")
