@@ -1,6 +1,7 @@
 """What the tests share (not fixtures: those are in conftest.py): paths, tiny settings, flag parsing, in-process
 command lines. Test modules import this module, never each other."""
 import importlib
+import importlib.util
 import os
 import pkgutil
 import shutil
@@ -80,6 +81,58 @@ def read_checkpoint_weights(prefix, net):
             for key, _ in weight_items(net)]
 
 
-def need_serving_protos():
-    return pytest.importorskip("tensorflow_serving.apis.predict_pb2", reason="needs tensorflow-serving-api "
-                               "(pip install --no-deps tensorflow-serving-api==2.21.0)")
+# ---- Export and serving: a subprocess environment, the serving protos, tiny run directories. ----
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV.pop("PYTHONPATH", None)
+# Exports write TF Serving warm-up requests only with its protos (the `serving` extra) installed.
+HAS_SERVING = importlib.util.find_spec("tensorflow_serving") is not None
+WARMUP = [] if HAS_SERVING else ["--nowarmup"]
+NO_SERVING = "needs tensorflow-serving-api (pip install --no-deps tensorflow-serving-api==2.21.0)"
+
+
+def serving_protos():
+    return pytest.importorskip("tensorflow_serving", reason=NO_SERVING)
+
+
+def write_run(run_dir, cfg, step=2):
+    """A run directory in the trainer's layout (arch.json, flags.txt, checkpoints/ of DiffusionModel.trackables)
+    whose EMA weights differ from its training weights, so a test can tell which were exported."""
+    import numpy as np
+    import tensorflow as tf
+    from cud_tf import run_dir as run_dir_lib
+    from cud_tf.models.base import DiffusionModel, OptimConfig, ema_variables
+    from cud_tf.networks.unet import VelocityUNet
+    from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
+    from trainers import common
+
+    net = VelocityUNet(cfg, name="velocity").build_variables()
+    model = DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=cfg.num_heads), OptimConfig(),
+                           global_batch_size=8)
+    rng = np.random.default_rng(0)
+    for avg in ema_variables(model.optimizers_by_group["velocity"]):
+        avg.assign(avg + 0.05 * rng.standard_normal(avg.shape).astype(np.float32))
+    model.step.assign(step)
+    run_dir_lib.write_json(os.path.join(run_dir, "arch.json"), common.arch_dict(cfg, False))
+    run_dir_lib.write_json(os.path.join(run_dir, "config.json"), run_dir_lib.to_json(
+        dict(trainer="cud", method="cud", network=cfg, objective=ObjectiveConfig(order=cfg.num_heads))))
+    with open(os.path.join(run_dir, "flags.txt"), "w") as f:
+        f.write(f"--method=cud\n--cud_order={cfg.num_heads}\n--channels={cfg.base_channels}\n")
+    tf.train.CheckpointManager(tf.train.Checkpoint(**model.trackables()), os.path.join(run_dir, "checkpoints"),
+                               max_to_keep=1).save(checkpoint_number=step)
+
+
+def export_cli(*args):
+    """`python -m trainers.export ...` in-process; returns the exported path."""
+    from trainers import export as export_trainer
+    export_trainer.define_flags()
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.export", *args])
+        return export_trainer.run()
+
+
+def tiny(**overrides):
+    return tiny_unet_config(channel_mult=(1,), **overrides)  # one level: the fastest net to trace and save
+
+

@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from test_export import ENV, ROOT, WARMUP, export_cli, tiny, write_run
+from helpers import ENV, ROOT, WARMUP, export_cli, tiny, write_run
 from trainers import generate as generate_trainer
 
 FLAGS = flags.FLAGS

@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import tiny_unet_config
+from helpers import tiny_unet_config
 from cud_tf.networks.layers import AttnBlock, QKVAttnBlock, ResBlock
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, encode_noise, noise_encoder_config
 from trainers import common
