@@ -70,8 +70,8 @@ def main(argv):
     import tensorflow as tf
 
     from cud_tf import evaluation
-    from cud_tf.metrics import ClassifierError, mnist_classifier
     from cud_tf.data import DataNotPreparedError
+    from cud_tf.metrics import ClassifierError, mnist_classifier
 
     t0 = time.perf_counter()
     mcfg = evaluation.MetricConfig(classifier_dir=FLAGS.classifier_dir,
@@ -85,7 +85,7 @@ def main(argv):
     n = FLAGS.num_images
     rows = []
     for name, images in image_sets(x_train, x_test, n, FLAGS.blur_sigma, FLAGS.seed):
-        fd, _, _ = evaluation.score(lambda i, s, b: tf.constant(images[s:s + b]), clf, n, FLAGS.batch_size)
+        fd, _, _ = evaluation.score(lambda i, s, b, images=images: tf.constant(images[s:s + b]), clf, n, FLAGS.batch_size)
         rows.append(dict(images=name, distance=fd, num_samples=n))
         print(f"{name}: {fd:.3f}", flush=True)
     result = dict(metric=clf.name, reference=clf.reference_info, classifier=clf.info, rows=rows,

@@ -74,7 +74,8 @@ class MetricConfig:
     reference_examples: int = 0  # images of that split for "fid" (0: all); "inceptionv3_keras" uses num_samples
     inception_weights: str | None = None  # Keras' InceptionV3 notop .h5 (kind "inceptionv3_keras")
     classifier_dir: str | None = None  # MNIST classifier cache (default ~/.cache/cud_tf/mnist_classifier)
-    classifier: mnist_classifier.ClassifierConfig = mnist_classifier.ClassifierConfig()
+    classifier: mnist_classifier.ClassifierConfig = dataclasses.field(
+        default_factory=mnist_classifier.ClassifierConfig)
 
     def __post_init__(self):
         if self.kind not in METRICS:
@@ -226,6 +227,9 @@ def evaluate(run_dir, cfg: EvalConfig = EvalConfig(), metric_cfg: MetricConfig =
     loaded = run_dirs.load_run(run_dir, weights=cfg.weights, checkpoint=cfg.checkpoint)
     if cfg.head > loaded.config.num_heads:
         raise EvalError(f"head={cfg.head} but the network of {run_dir} has {loaded.config.num_heads} head(s)")
+    if not cfg.rk45 and not steps_for_nfes(cfg.sampler, cfg.nfes, lambda _: None):
+        raise EvalError(f"sampler {cfg.sampler} reaches none of the NFEs {list(cfg.nfes)} (it needs more "
+                        "evaluations per step)")
     out_dir = out_dir or os.path.join(run_dir, "eval")
     dataset, data_dir = run_dataset(loaded, data_dir)
     shape, conditional = loaded.config.image_shape, loaded.config.num_classes > 0
@@ -254,9 +258,9 @@ def sample_and_score(loaded: run_dirs.LoadedRun, cfg: EvalConfig, metric, classi
     scales = tuple(cfg.guidance_scales) if conditional else (1.0,)
     shape, n, bs, method, head, seed = netcfg.image_shape, cfg.num_samples, cfg.batch_size, cfg.sampler, cfg.head, \
         cfg.seed
-    labels_of = (lambda start, size: np.arange(start, start + size) % netcfg.num_classes) if conditional else None
-    if classifier is None:
-        labels_of = None
+    labels_of = None  # the requested classes, checked by the classifier
+    if conditional and classifier is not None:
+        labels_of = lambda start, size: np.arange(start, start + size) % netcfg.num_classes
     steps_of = steps_for_nfes(method, cfg.nfes, log)
     rows, grids, t_total = [], {}, time.perf_counter()
 
@@ -271,23 +275,25 @@ def sample_and_score(loaded: run_dirs.LoadedRun, cfg: EvalConfig, metric, classi
         def generate(z, num_steps, y, w=w):
             return sampling.generate(net, z, num_steps, method, head, y if conditional else None, w)
 
-        def add(row, grid):
+        grid_rows = []
+
+        def add(row, grid, t0, grid_rows=grid_rows):
             row.update(num_samples=n, seconds=time.perf_counter() - t0)
             rows.append(row)
             grid_rows.append(grid)
             log(row_line(row, metric.name))
 
-        grid_rows = []
         for k, steps in steps_of.items():
             t0 = time.perf_counter()
-            fd, acc, grid = score(lambda i, s, b: generate(noise(seed, i, b, shape), tf.constant(steps), labels(s, b)),
-                                  metric, n, bs, classifier, labels_of, cfg.num_grid_images)
+            fd, acc, grid = score(
+                lambda i, s, b, steps=steps: generate(noise(seed, i, b, shape), tf.constant(steps), labels(s, b)),
+                metric, n, bs, classifier, labels_of, cfg.num_grid_images)
             add(dict(solver=method, guidance_scale=w, nfe=solvers.nfe(method, steps), nfe_requested=k, steps=steps,
-                     distance=fd, class_accuracy=acc), grid)
+                     distance=fd, class_accuracy=acc), grid, t0)
         if cfg.rk45:
             t0, nfe_used = time.perf_counter(), []
 
-            def rk45_images(i, s, b):
+            def rk45_images(i, s, b, w=w, nfe_used=nfe_used):
                 v = sampling.velocity_fn(net, head, labels(s, b) if conditional else None, w)
                 x, used = solvers.sample_rk45(v, noise(seed, i, b, shape), cfg.rk45_tol, cfg.rk45_tol)
                 nfe_used.append(used)
@@ -295,7 +301,7 @@ def sample_and_score(loaded: run_dirs.LoadedRun, cfg: EvalConfig, metric, classi
 
             fd, acc, grid = score(rk45_images, metric, n, bs, classifier, labels_of, cfg.num_grid_images)
             add(dict(solver="rk45", guidance_scale=w, nfe=float(np.mean(nfe_used)), nfe_requested=None, steps=None,
-                     distance=fd, class_accuracy=acc), grid)
+                     distance=fd, class_accuracy=acc), grid, t0)
         grids[w] = grid_rows
 
     result = dict(run_dir=os.path.abspath(loaded.run_dir), checkpoint=loaded.checkpoint, step=loaded.step,
@@ -345,8 +351,8 @@ def markdown_table(result):
     head = ["sampler", *(["guidance"] if cond else []), "NFE", result["metric"], "samples",
             *(["class accuracy"] if acc else []), "seconds"]
     ref = result.get("reference", {})
-    lines = [f"{result['run_dir']} (step {result['step']}, {result['weights']} weights, head {result['head']}, "
-             f"{result['num_samples']} samples; reference: {ref.get('n') or 'unknown'} real images)", "",
+    lines = [(f"{result['run_dir']} (step {result['step']}, {result['weights']} weights, head {result['head']}, "
+              f"{result['num_samples']} samples; reference: {ref.get('n') or 'unknown'} real images)"), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["solver"], *([f"{r['guidance_scale']:g}"] if cond else []), f"{r['nfe']:g}", f"{r['distance']:.3f}",

@@ -36,9 +36,11 @@ def tiny_run(mnist_data_dir, tmp_path_factory):
 
 
 def test_evaluate_end_to_end(tiny_run, classifier_dir, tmp_path):
+    # 130 samples (the 128-d features need 129) in one batch: RK45 integrates a batch jointly, so one batch costs
+    # half the evaluations of two. Several batches, with a remainder, are exercised by the FID test below.
     out_dir = str(tmp_path / "eval")
     with flagsaver.flagsaver():
-        parse(f"--run_dir={tiny_run}", "--nfe=1,2,3", "--num_samples=130", "--eval_batch_size=65", "--sampler=heun",
+        parse(f"--run_dir={tiny_run}", "--nfe=1,2,3", "--num_samples=130", "--eval_batch_size=130", "--sampler=heun",
               "--head=2", "--rk45", "--rk45_tol=1e-2", "--guidance_scale=1,2", f"--out_dir={out_dir}",
               f"--classifier_dir={classifier_dir}", "--min_accuracy=0.9", "--num_grid_images=4",
               "--nojit_compile")
@@ -112,7 +114,7 @@ def test_fid_from_a_graph_def_end_to_end(tiny_run, mnist_data_dir, classifier_di
     out_dir = str(tmp_path / "eval")
     proc = subprocess.run(
         [sys.executable, "-m", "trainers.evaluate", f"--run_dir={tiny_run}", f"--fid_inception_graph={graph}",
-         f"--fid_ref={stats}", "--nfe=1,2", "--num_samples=20", "--eval_batch_size=20", f"--out_dir={out_dir}",
+         f"--fid_ref={stats}", "--nfe=1,2", "--num_samples=25", "--eval_batch_size=10", f"--out_dir={out_dir}",
          f"--classifier_dir={classifier_dir}", "--min_accuracy=0.9", "--nojit_compile", "--num_grid_images=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT})
@@ -124,7 +126,7 @@ def test_fid_from_a_graph_def_end_to_end(tiny_run, mnist_data_dir, classifier_di
     assert result["feature_extractor"]["graph"] == graph and len(result["feature_extractor"]["graph_sha256"]) == 64
     assert [r["nfe"] for r in result["rows"]] == [1, 2]
     for r in result["rows"]:
-        assert np.isfinite(r["distance"]) and r["distance"] > 0 and r["num_samples"] == 20
+        assert np.isfinite(r["distance"]) and r["distance"] > 0 and r["num_samples"] == 25  # batches 10 + 10 + 5
         assert 0.0 <= r["class_accuracy"] <= 1.0  # the MNIST classifier still checks the classes
     table = open(os.path.join(out_dir, "eval_euler_head1.md")).read()
     assert "| FID | samples |" in table and "reference: 200 real images" in table

@@ -9,8 +9,16 @@ import pytest
 import scipy.linalg
 import tensorflow as tf
 
-from cud_tf.metrics import (FeatureStats, Gaussian, InceptionFeatures, InceptionGraph, fid_inception,
-                            frechet_distance, load_statistics, mnist_classifier)
+from cud_tf.metrics import (
+    FeatureStats,
+    Gaussian,
+    InceptionFeatures,
+    InceptionGraph,
+    fid_inception,
+    frechet_distance,
+    load_statistics,
+    mnist_classifier,
+)
 
 
 def write_test_inception_graph(path, dim=16, size=12, seed=0):

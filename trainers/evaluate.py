@@ -89,6 +89,7 @@ def metric_config():
 
 
 def eval_config():
+    """EvalConfig from the flags."""
     from cud_tf import evaluation
     return evaluation.EvalConfig(
         nfes=common.int_list(FLAGS.nfe, "nfe"), num_samples=FLAGS.num_samples, batch_size=FLAGS.eval_batch_size,
@@ -105,10 +106,8 @@ def run(log=print):
 
     mcfg = metric_config()
     if FLAGS.fid_stats_out:
-        if FLAGS.run_dir:
-            raise flags.ValidationError("--fid_stats_out writes reference statistics and takes no --run_dir")
-        if not FLAGS["dataset"].present or not FLAGS.dataset:
-            raise flags.ValidationError("--fid_stats_out needs --dataset (a tfds name, e.g. cifar10)")
+        if FLAGS.run_dir or not FLAGS["dataset"].present or not FLAGS.dataset:
+            raise flags.ValidationError("--fid_stats_out needs --dataset (a tfds name, e.g. cifar10) and no --run_dir")
         return evaluation.reference_statistics(mcfg, FLAGS.dataset, FLAGS.data_dir, FLAGS.fid_stats_out, log)
     if not FLAGS.run_dir:
         raise flags.ValidationError("--run_dir is required (the run directory of a trainer)")

@@ -38,12 +38,15 @@ def load_graph_def(path) -> tf.compat.v1.GraphDef:
         raise FileNotFoundError(
             f"Inception graph {path!r} not found; extract {GRAPH_FILE} from {GRAPH_ARCHIVE_URL} once and pass its "
             "path (docs/fid.md; nothing is downloaded at run time)")
+    from google.protobuf.message import DecodeError
+
     graph_def = tf.compat.v1.GraphDef()
     try:
         with open(path, "rb") as f:
             graph_def.ParseFromString(f.read())
-    except Exception as e:  # protobuf's DecodeError is not a public type
-        raise ValueError(f"{path} is not a TensorFlow GraphDef (.pb): {type(e).__name__}") from None
+    except DecodeError as e:
+        reason = str(e).splitlines()[0] if str(e) else "DecodeError"
+        raise ValueError(f"{path} is not a TensorFlow GraphDef (.pb): {reason}") from None
     names = {node.name for node in graph_def.node}
     missing = [t for t in (INPUT_TENSOR, OUTPUT_TENSOR) if t.split(":")[0] not in names]
     if missing:
