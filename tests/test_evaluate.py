@@ -96,6 +96,12 @@ def test_too_few_samples_for_the_features_are_refused(tiny_run, tmp_path, capsys
                         f"--fid_inception_graph={graph}", f"--classifier_dir={tmp_path / 'no_classifier'}")
     assert len(lines) == 1 and "at least 17 samples" in lines[0], lines
     assert not never.exists() and not (tmp_path / "no_classifier").exists()  # refused before any work
+    lines = _main_fails(capsys, f"--run_dir={tiny_run}", "--metric=inception", f"--out_dir={never}")
+    assert len(lines) == 1 and "not FID" in lines[0] and "--fid_inception_graph" in lines[0], lines
+    lines = _main_fails(capsys, f"--fid_stats_out={never / 's.npz'}", f"--fid_inception_graph={graph}",
+                        f"--run_dir={tiny_run}")
+    assert len(lines) == 1 and "takes no --run_dir" in lines[0], lines
+    assert not never.exists()
     with pytest.raises(evaluation.EvalError, match="nfe must list positive"):
         evaluation.EvalConfig(nfes=())
 

@@ -40,7 +40,8 @@ def define_flags():
     _define(d.DEFINE_integer, "fid_reference_examples", 0, "Images of --reference_split for computed FID "
             "statistics (0: all).", lower_bound=0)
     _define(d.DEFINE_integer, "fid_batch_size", 50, "Images per pass through the Inception graph.", lower_bound=1)
-    _define(d.DEFINE_string, "dataset", None, "tfds name of the data set of --fid_stats_out.")
+    # The trainers' default (trainers/common.py), so that whichever defines it first, both read the same.
+    _define(d.DEFINE_string, "dataset", "mnist_offline", "tfds name of the data set of --fid_stats_out.")
     _define(d.DEFINE_string, "inception_weights", None,
             "Local file inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 (--metric=inceptionv3_keras).")
     _define(d.DEFINE_string, "reference_split", "train", "Split of the real images of computed references.")
@@ -106,8 +107,8 @@ def run(log=print):
 
     mcfg = metric_config()
     if FLAGS.fid_stats_out:
-        if FLAGS.run_dir or not FLAGS["dataset"].present or not FLAGS.dataset:
-            raise flags.ValidationError("--fid_stats_out needs --dataset (a tfds name, e.g. cifar10) and no --run_dir")
+        if FLAGS.run_dir:
+            raise flags.ValidationError("--fid_stats_out writes the statistics of --dataset and takes no --run_dir")
         return evaluation.reference_statistics(mcfg, FLAGS.dataset, FLAGS.data_dir, FLAGS.fid_stats_out, log)
     if not FLAGS.run_dir:
         raise flags.ValidationError("--run_dir is required (the run directory of a trainer)")
