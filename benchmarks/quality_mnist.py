@@ -20,6 +20,7 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's cud_tf (latest_checkpoint), as the subprocesses get it
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("out_dir", "runs/quality_mnist", "Where the runs, evaluations and the table go.")
@@ -61,13 +62,12 @@ def call(module, *args):
 
 
 def latest_checkpoint(run_dir):
-    """The newest checkpoint prefix of a run (from the `checkpoint` state file), or None."""
-    state = os.path.join(run_dir, "checkpoints", "checkpoint")
-    if not os.path.exists(state):
+    """The newest checkpoint prefix of a run (`cud_tf.run_dir.latest_checkpoint`), or None when it has none."""
+    from cud_tf import run_dir as run_dirs
+    try:
+        return run_dirs.latest_checkpoint(run_dir)
+    except run_dirs.RunError:
         return None
-    with open(state) as f:
-        name = f.readline().split(":", 1)[1].strip().strip('"')
-    return os.path.join(run_dir, "checkpoints", os.path.basename(name))
 
 
 def train(module, run_dir, steps, *args):

@@ -242,6 +242,23 @@ def read_arch(run_dir):
     return cfg, encoder
 
 
+def data_location(run_dir):
+    """(tfds name, data dir or None) of the data a run was trained on: the name from config.json, the directory
+    from its flags.txt (parsed by absl); for a run distilled from another (one-step stage, TRACT, DisBack) that
+    did not name a directory, the source run's."""
+    from absl import flags
+    config = read_config(run_dir)
+    data_dir = None
+    if os.path.exists(os.path.join(run_dir, FLAGS_FILE)):
+        fv = flags.FlagValues()
+        flags.DEFINE_string("data_dir", None, "", flag_values=fv)
+        data_dir = parse_flags_file(os.path.join(run_dir, FLAGS_FILE), fv, ["data_dir"])["data_dir"]
+    source = (config.get("init") or config.get("teacher") or {}).get("run_dir")
+    if data_dir is None and source and os.path.abspath(source) != os.path.abspath(run_dir):
+        data_dir = data_location(source)[1]
+    return config.get("dataset", "mnist_offline"), data_dir
+
+
 def latest_checkpoint(run_dir, checkpoint=None) -> str:
     """`checkpoint`, or the newest checkpoint of `<run_dir>/checkpoints`; RunError when there is none."""
     path = checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))

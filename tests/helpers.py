@@ -136,3 +136,35 @@ def tiny(**overrides):
     return tiny_unet_config(channel_mult=(1,), **overrides)  # one level: the fastest net to trace and save
 
 
+# ---- FID: a stand-in for TTUR's Inception graph. ----
+
+def write_test_inception_graph(path, dim=16, size=12, seed=0):
+    """A frozen GraphDef shaped like TTUR's classify_image_graph_def.pb, at toy size: a decoded uint8 image
+    `image:0` [H, W, 3] -> Cast -> `ExpandDims:0` [1, H, W, 3] -> bilinear resize to size x size -> (x - 128) / 128
+    -> conv 3x3 -> relu -> `pool_3:0` [1, 1, 1, dim] -> `pool_3/_reshape` to the fixed [1, dim] (the real graph's
+    trap for batches) -> logits -> softmax. Weights are Const nodes, as in a frozen graph. Returns
+    `per_image(uint8 [H, W, 3]) -> [dim]`, the graph run the way it was built: one image through `image:0`."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(3, 3, 3, dim)).astype(np.float32) * 0.3
+    head = rng.normal(size=(dim, 5)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    def classify(image):
+        x = tf.expand_dims(tf.cast(image, tf.float32), 0, name="ExpandDims")
+        x = tf.raw_ops.ResizeBilinear(images=x, size=tf.constant([size, size]))
+        x = tf.nn.relu(tf.nn.conv2d((x - 128.0) * (1.0 / 128.0), tf.constant(kernel), 1, "SAME"))
+        pool = tf.nn.avg_pool2d(x, size, 1, "VALID", name="pool_3")
+        logits = tf.matmul(tf.reshape(pool, [1, dim], name="pool_3/_reshape"), tf.constant(head))
+        return tf.nn.softmax(logits, name="softmax")
+
+    graph = classify.get_concrete_function().graph
+    with open(path, "wb") as f:
+        f.write(graph.as_graph_def().SerializeToString())
+    pool3 = tf.compat.v1.wrap_function(
+        lambda image: tf.graph_util.import_graph_def(graph.as_graph_def(), input_map={"image:0": image},
+                                                     return_elements=["pool_3:0"])[0],
+        [tf.TensorSpec([None, None, 3], tf.uint8)])
+    return lambda image: pool3(tf.constant(image, tf.uint8)).numpy().reshape(dim)

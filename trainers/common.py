@@ -23,12 +23,13 @@ MUTABLE = {"run_dir", "train_steps", "log_every", "checkpoint_every", "sample_ev
            "download", "strategy", "jit_compile"}
 
 
-def define(define_fn, name, *args, **kw):
+def define(define_fn, name, *args, record=True, **kw):
     """Defines flag `name` with `define_fn` (e.g. flags.DEFINE_integer; its other arguments as absl takes them)
-    once, and records it as this project's."""
+    once. `record`: a setting of a training run, written to its flags.txt and compared on resume (the
+    evaluator's, exporter's and generator's own flags are not)."""
     if name not in FLAGS:
         define_fn(name, *args, **kw)
-    if name not in DEFINED:
+    if record and name not in DEFINED:
         DEFINED.append(name)
 
 

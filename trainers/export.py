@@ -3,16 +3,17 @@
 `python -m trainers.export --run_dir=runs/x --name=cud_mnist` writes `saved_models/cud_mnist/<next version>/`;
 docs/serving.md shows how to serve and query it.
 """
-from absl import app, flags
+import functools
+
+from absl import flags
 
 from trainers import common
 
 FLAGS = flags.FLAGS
 
 
-def _define(define, name, *args, **kw):
-    if name not in FLAGS:  # other trainers define some of the same flags (run_dir, sampler, head)
-        define(name, *args, **kw)
+# This tool's own flags: not settings of a training run (never in its flags.txt).
+_define = functools.partial(common.define, record=False)
 
 
 def define_flags():
@@ -51,10 +52,12 @@ def run():
 
 
 def main(argv):
-    from cud_tf.run_dir import RunError
-    print(f"exported {common.run_or_fail(argv, run, RunError, OSError)}")
+    print(f"exported {common.run_or_fail(argv, run, OSError)}")
+
+
+def cli():
+    common.cli(define_flags, main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli()

@@ -6,16 +6,17 @@ Writes <out>.png (one labelled block of --num_images images per NFE, upscaled to
 and how). The noise comes from --seed as in the export's `generate` signature, so a run and its export give
 the same images. See cud_tf/generation.py.
 """
-from absl import app, flags
+import functools
+
+from absl import flags
 
 from trainers import common
 
 FLAGS = flags.FLAGS
 
 
-def _define(define, name, *args, **kw):
-    if name not in FLAGS:  # other trainers define some of the same flags (run_dir, nfe, sampler, head, seed)
-        define(name, *args, **kw)
+# This tool's own flags: not settings of a training run (never in its flags.txt).
+_define = functools.partial(common.define, record=False)
 
 
 def define_flags():
@@ -82,12 +83,13 @@ def run():
 
 def main(argv):
     import tensorflow as tf
-    from cud_tf.run_dir import RunError
-
-    paths = common.run_or_fail(argv, run, RunError, OSError, tf.errors.OpError)
+    paths = common.run_or_fail(argv, run, OSError, tf.errors.OpError)
     print("wrote " + " ".join(paths))
 
 
+def cli():
+    common.cli(define_flags, main)
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli()

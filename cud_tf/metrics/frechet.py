@@ -53,13 +53,75 @@ class Gaussian:
         stats.update(features)
         return cls.from_stats(stats)
 
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
     def save(self, path):
-        np.savez(path, mu=self.mu, cov=self.cov, n=self.n)
+        """Writes `mu` `[D]`, `sigma` `[D, D]` and `n` to an .npz: the keys pytorch-fid, TTUR and EDM use for their
+        statistics files, so the file is also a valid reference for those tools."""
+        np.savez(path, mu=self.mu, sigma=self.cov, n=self.n)
 
     @classmethod
     def load(cls, path):
-        with np.load(path) as d:
-            return cls(d["mu"], d["cov"], int(d["n"]))
+        """Reads `load_statistics(path)` (no image batches)."""
+        return load_statistics(path)
+
+
+def min_samples(dim: int) -> int:
+    """Feature vectors needed for a nonsingular covariance of `dim`-d features (an unbiased covariance of n
+    vectors has rank at most n - 1)."""
+    return dim + 1
+
+
+def load_statistics(path, features=None, batch_size=100) -> Gaussian:
+    """Feature statistics from an .npz in one of the published formats:
+
+    - `mu` `[D]` and `sigma` `[D, D]`: pytorch-fid (`--save-stats`), TTUR's precalculated statistics, EDM's
+      reference files (e.g. cifar10-32x32.npz) and guided-diffusion's reference batches (whose other arrays,
+      `arr_0` images and `mu_s`/`sigma_s` spatial statistics, are then ignored); with `n`, the example count,
+      when this project wrote the file (0 when unknown).
+    - `mu` and `cov`: this project's older files.
+    - only `arr_0`: `[N, D]` activations (mean and covariance taken here), or `[N, H, W, C]` uint8 images
+      (guided-diffusion's sample batches), turned into statistics with `features(images [B, H, W, C] float in
+      [-1, 1]) -> [B, D]` in batches of `batch_size`.
+
+    ValueError (one line) for anything else.
+    """
+    try:
+        d = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read statistics file {path}: {str(e).splitlines()[0]}") from None
+    with d:
+        keys = set(d.files)
+        if "mu" in keys and ("sigma" in keys or "cov" in keys):
+            mu = np.asarray(d["mu"], np.float64)
+            cov = np.asarray(d["sigma"] if "sigma" in keys else d["cov"], np.float64)
+            n = int(d["n"]) if "n" in keys else 0
+            if mu.ndim != 1 or cov.shape != (mu.shape[0], mu.shape[0]):
+                raise ValueError(f"{path}: mu {mu.shape} and sigma {cov.shape} are not a mean [D] and a "
+                                 "covariance [D, D]")
+            return Gaussian(mu, cov, n)
+        if "arr_0" not in keys:
+            raise ValueError(f"{path} holds {sorted(keys)}; expected mu and sigma (pytorch-fid, TTUR, EDM, "
+                             "guided-diffusion) or arr_0 (activations or images)")
+        arr = d["arr_0"]
+    if arr.ndim == 2:
+        return Gaussian.from_features(arr)
+    if arr.ndim == 4:
+        if features is None:
+            raise ValueError(f"{path} holds images {arr.shape} but no feature extractor was given to compute "
+                             "their statistics")
+        stats = None
+        for i in range(0, len(arr), batch_size):
+            batch = np.asarray(arr[i:i + batch_size], np.float32) / 127.5 - 1.0
+            f = np.asarray(features(batch))
+            stats = stats or FeatureStats(f.shape[-1])
+            stats.update(f)
+        if stats is None:
+            raise ValueError(f"{path}: arr_0 holds no images")
+        return Gaussian.from_stats(stats)
+    raise ValueError(f"{path}: arr_0 has shape {arr.shape}; expected activations [N, D] or images [N, H, W, C]")
 
 
 def sqrtm_product(cov1, cov2, eps=1e-6):
@@ -79,6 +141,7 @@ def sqrtm_product(cov1, cov2, eps=1e-6):
     return covmean
 
 
+# Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium".
 def frechet_distance(a: Gaussian, b: Gaussian) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64."""
     if a.mu.shape != b.mu.shape:

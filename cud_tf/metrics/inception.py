@@ -1,6 +1,8 @@
-"""InceptionV3 pool features (2048-d) for FID proper, from a local Keras weights file (never downloaded).
+"""A Fréchet distance on Keras' InceptionV3 pool features (2048-d), from a local weights file (never downloaded).
 
-The weights are Keras' published `inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5` (docs/quality.md).
+Not FID as papers report it: Keras' `inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5` is another
+training of InceptionV3 than the 2015-12-05 graph that TTUR, pytorch-fid and EDM use (`fid_inception.py`), so
+its distances are not comparable with published FIDs. Kept for a local, relative comparison (docs/fid.md).
 """
 import os
 
@@ -11,11 +13,12 @@ WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + WEIGHTS_FILE)
 
 
+# Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision" (InceptionV3, Keras weights).
 class InceptionFeatures:
     """`features(images [B, H, W, C] in [-1, 1]) -> [B, 2048]`: images resized to 299x299 (bilinear),
     grey images repeated to 3 channels, already in the [-1, 1] range that Keras' Inception preprocessing gives."""
 
-    name = "FID (InceptionV3)"
+    name = "FD (Keras InceptionV3, not FID)"
     dim = 2048
 
     def __init__(self, weights_path):
