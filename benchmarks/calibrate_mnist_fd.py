@@ -85,7 +85,8 @@ def main(argv):
     n = FLAGS.num_images
     rows = []
     for name, images in image_sets(x_train, x_test, n, FLAGS.blur_sigma, FLAGS.seed):
-        fd, _, _ = evaluation.score(lambda i, s, b, images=images: tf.constant(images[s:s + b]), clf, n, FLAGS.batch_size)
+        fd, _, _ = evaluation.score(lambda i, s, b, images=images: tf.constant(images[s:s + b]), clf, n,
+                                    FLAGS.batch_size)
         rows.append(dict(images=name, distance=fd, num_samples=n))
         print(f"{name}: {fd:.3f}", flush=True)
     result = dict(metric=clf.name, reference=clf.reference_info, classifier=clf.info, rows=rows,

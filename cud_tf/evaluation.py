@@ -340,7 +340,24 @@ def write_outputs(result, grids, out_dir, log=print):
                   for r in result["rows"] if r["guidance_scale"] == w]
         summaries.write_png(os.path.join(out_dir, f"samples_{tag}{suffix}.png"),
                             summaries.sample_grid(grid_rows, labels))
-    log(f"wrote {prefix}.json, .md, .png and the sample grids in {out_dir} ({result['seconds']:.0f} s)")
+    write_events(result, prefix + ".png", os.path.join(out_dir, "tb"))
+    log(f"wrote {prefix}.json, .md, .png, the sample grids and TensorBoard events (tb/) in {out_dir} "
+        f"({result['seconds']:.0f} s)")
+
+
+def write_events(result, plot_path, tb_dir):
+    """The distances to TensorBoard: one scalar series per sampler and guidance scale, whose step is the NFE
+    (`eval/<sampler>_head<k>[_w<w>]`; RK45 at its mean NFE, rounded), and the plot as an image."""
+    writer = tf.summary.create_file_writer(tb_dir)
+    with writer.as_default():
+        for r in result["rows"]:
+            tag = f"eval/{r['solver']}_head{result['head']}" + (f"_w{r['guidance_scale']:g}" if result["conditional"]
+                                                                 else "")
+            tf.summary.scalar(tag, r["distance"], step=int(round(r["nfe"])),
+                              description=f"{result['metric']} against NFE, {r['num_samples']} samples")
+        png = tf.io.decode_png(tf.io.read_file(plot_path), channels=3)
+        tf.summary.image(f"eval/{result['sampler']}_head{result['head']}_plot", png[None], step=result["step"])
+    writer.flush()
 
 
 def row_line(row, metric_name):
@@ -411,3 +428,50 @@ def reference_statistics(mcfg: MetricConfig, dataset, data_dir=None, out_path=No
         g.save(out_path)
         log(f"wrote {out_path} ({g.n} images, {g.dim}-d; graph sha256 {metric.sha256[:12]})")
     return g
+
+
+class TrainingEvaluation:
+    """`--eval_every`: the distance of the EMA weights at `nfes` every `every` steps of training, as TensorBoard
+    scalars `eval/fd_nfe<k>` (step = training step) in `<run_dir>/tb/eval`, and one line each time. The
+    training loop's `on_step` hook; only the chief evaluates (the others return at once)."""
+
+    def __init__(self, model, run_dir, image_shape, dataset, data_dir, every: int, cfg: EvalConfig,
+                 metric_cfg: MetricConfig = MetricConfig(), chief: bool = True, log=print):
+        self.model, self.every, self.cfg, self.chief, self.log = model, every, cfg, chief, log
+        self.shape, self.steps_of = tuple(image_shape), steps_for_nfes(cfg.sampler, cfg.nfes, lambda _: None)
+        if not chief:
+            return
+        if metric_cfg.kind == "mnist_classifier":
+            self.metric = load_classifier(metric_cfg, dataset, data_dir, image_shape, log)
+        else:
+            self.metric = feature_extractor(metric_cfg, cfg.num_samples)
+            set_reference(self.metric, metric_cfg, dataset, data_dir, cfg.num_samples,
+                          os.path.join(run_dir, "eval"), log)
+        check_sample_count(cfg.num_samples, self.metric.dim, "--eval_samples")
+        net = model.ema_net
+        classes = net.config.num_classes
+
+        @tf.function(jit_compile=cfg.jit_compile)
+        def generate(z, num_steps, y):
+            return sampling.generate(net, z, num_steps, cfg.sampler, cfg.head, y if classes else None)
+
+        self.generate, self.classes = generate, classes
+        self.writer = tf.summary.create_file_writer(os.path.join(run_dir, "tb", "eval"))
+
+    def __call__(self, step: int):
+        if not self.chief or step == 0 or step % self.every:
+            return
+        self.model.sync_ema()
+        cfg, distances = self.cfg, {}
+        for k, steps in self.steps_of.items():
+            def images(i, start, size, steps=steps):
+                y = tf.range(start, start + size) % max(self.classes, 1)
+                return self.generate(noise(cfg.seed, i, size, self.shape), tf.constant(steps), y)
+            distances[k], _, _ = score(images, self.metric, cfg.num_samples, cfg.batch_size)
+        with self.writer.as_default(step=step):
+            for k, d in distances.items():
+                tf.summary.scalar(f"eval/fd_nfe{k}", d, description=f"{self.metric.name}, {cfg.num_samples} "
+                                  "samples, EMA weights")
+        self.writer.flush()
+        self.log(f"eval at step {step}: " + ", ".join(f"NFE {k} {d:.2f}" for k, d in distances.items()) +
+                 f" ({self.metric.name}, {cfg.num_samples} samples)")

@@ -112,3 +112,27 @@ def write_scalars(writer, step, scalars):
     with writer.as_default(step=step):
         for name, value in scalars.items():
             tf.summary.scalar(name, value)
+
+
+def flatten(config, prefix=""):
+    """{"a.b": value} of a nested dict; lists as strings (hparams take bool, int, float and str)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def write_config(writer, config: dict, step=0):
+    """The run's resolved configuration (config.json) to TensorBoard: the HParams dashboard (flattened keys,
+    e.g. `objective.order`) and the Text dashboard (the JSON itself)."""
+    import json
+
+    from tensorboard.plugins.hparams import api as hp
+    with writer.as_default(step=step):
+        hp.hparams(flatten(config), trial_id=config.get("trainer", "run"))
+        tf.summary.text("config", "```\n" + json.dumps(config, indent=1, sort_keys=True) + "\n```", step=step)

@@ -16,7 +16,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from cud_tf import checkpointing, run_dir, sampling, solvers, summaries
+from cud_tf import checkpointing, execution, run_dir, sampling, solvers, summaries
 
 
 class TrainingError(RuntimeError):
@@ -211,11 +211,29 @@ def _start_line(model, strategy, cfg, resumed):
             f"to step {cfg.train_steps}")
 
 
+def _choose_xla(model, strategy, dist_dataset, cfg, log, chief):
+    """Sets model.xla by measurement (or its cache), logs one line, and records the choice in the run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and sum(len(t) for t in resolver.cluster_spec().as_dict().values()) > 1:
+        model.xla = False  # each worker would measure on its own: agree on graph mode unless told otherwise
+        choice = dict(xla=False, source="multi-worker default")
+    else:
+        choice = execution.choose_xla(model, strategy, next(iter(dist_dataset)), log=log)
+    if chief:
+        timing = (f" (a step's losses and gradients: graph {choice['graph_s'] * 1e3:.0f} ms, XLA "
+                  f"{choice['xla_s'] * 1e3:.0f} ms)") if "graph_s" in choice else ""
+        log(f"--jit_compile unset: XLA {'on' if model.xla else 'off'}, {choice['source']}{timing}; pass "
+            "--jit_compile or --nojit_compile to choose")
+        run_dir.write_json(os.path.join(cfg.run_dir, "execution.json"), choice)
+
+
 def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop, on_step):
     resumed = ckpt.restore()
+    start = int(model.step.numpy())
+    if model.xla is None:  # --jit_compile unset: graph mode or XLA, whichever is faster here (cud_tf.execution)
+        _choose_xla(model, strategy, make_dist_dataset(start), cfg, log, chief)
     if chief:
         log(_start_line(model, strategy, cfg, resumed))
-    start = int(model.step.numpy())
     t_start = time.perf_counter()
     _check_workers_agree(strategy, model.step)
     on_step(start)
@@ -241,6 +259,9 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
         ckpt.save(step)
 
     writer = tf.summary.create_file_writer(os.path.join(cfg.run_dir, "tb")) if chief else None
+    config = run_dir.read_config(cfg.run_dir) if chief else {}
+    if config and not resumed:
+        summaries.write_config(writer, config)
     global_batch = model.global_batch_size
     progbar = keras.utils.Progbar(cfg.train_steps, stateful_metrics=["loss", "img/s"]) if (
         cfg.progress and chief) else None

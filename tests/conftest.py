@@ -83,3 +83,14 @@ def tiny_cud_run(mnist_data_dir, tmp_path_factory):
                             f"--data_dir={mnist_data_dir}", f"--run_dir={run_dir}", "--cud_order=2",
                             "--noise_encoder", "--train_steps=4", *helpers.TINY)
     return dict(run_dir=run_dir, metrics=metrics)
+
+
+@pytest.fixture(scope="session")
+def written_run(tmp_path_factory):
+    """A run directory in the trainer's layout written directly (helpers.write_run: a tiny one-level U-Net with two
+    heads, EMA weights that differ from the training weights), for the export and generate tests. Read-only."""
+    path = str(tmp_path_factory.mktemp("written") / "run")
+    os.makedirs(path)
+    helpers.write_run(path, helpers.tiny(num_heads=2))
+    return path
+

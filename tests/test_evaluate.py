@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
@@ -64,6 +65,13 @@ def test_evaluate_end_to_end(tiny_run, classifier_dir, tmp_path):
     assert all(" | 130 | " in line for line in table.splitlines() if line.startswith(("| heun", "| rk45")))
     for name in ("eval_heun_head2.png", "samples_heun_head2_w1.png", "samples_heun_head2_w2.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 1000
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(os.path.join(out_dir, "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    series = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("eval/heun_head2_w2")}
+    assert series == {r["nfe"]: pytest.approx(r["distance"]) for r in stored["rows"]
+                      if r["solver"] == "heun" and r["guidance_scale"] == 2.0}  # FD against NFE as a scalar
+    assert "eval/heun_head2_plot" in acc.Tags()["tensors"]
 
     # Bad input: one clear error, nothing written.
     with flagsaver.flagsaver():
@@ -137,3 +145,37 @@ def test_fid_from_a_graph_def_end_to_end(tiny_run, mnist_data_dir, classifier_di
     assert "| FID | samples |" in table and "reference: 200 real images" in table
     # The same reference through the library, as a notebook would load it.
     assert load_statistics(stats).n == 200
+
+
+def test_in_training_evaluation_writes_fd_scalars(mnist_data_dir, classifier_dir, tmp_path):
+    """--eval_every's hook (cud_tf.evaluation.TrainingEvaluation, as the trainers install it): every k steps the
+    distance at each NFE as TensorBoard scalars eval/fd_nfe<n> of the run, nothing in between."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from cud_tf.metrics import mnist_classifier
+    from cud_tf.models.base import OptimConfig
+    from cud_tf.models.cud import CudModel
+    from cud_tf.networks.unet import VelocityUNet
+    from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
+    from helpers import tiny_unet_config
+
+    net = VelocityUNet(tiny_unet_config(image_shape=(28, 28, 1))).build_variables()
+    model = CudModel(net, OBJECTIVES["cud"], ObjectiveConfig(), OptimConfig(), global_batch_size=8)
+    cfg = evaluation.EvalConfig(nfes=(1, 2), num_samples=130, batch_size=130, jit_compile=False)
+    metric = evaluation.MetricConfig(classifier_dir=classifier_dir,
+                                     classifier=mnist_classifier.ClassifierConfig(min_accuracy=0.9))
+    lines = []
+    ev = evaluation.TrainingEvaluation(model, str(tmp_path), (28, 28, 1), "mnist_offline", mnist_data_dir, 2, cfg,
+                                       metric, log=lines.append)
+    for step in (1, 2, 3):
+        ev(step)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "eval"), size_guidance={"tensors": 0})
+    acc.Reload()
+    for tag in ("eval/fd_nfe1", "eval/fd_nfe2"):
+        events = acc.Tensors(tag)
+        assert [e.step for e in events] == [2] and float(tf.make_ndarray(events[0].tensor_proto)) > 0
+    assert len(lines) == 1 and lines[0].startswith("eval at step 2: NFE 1 ")
+    with pytest.raises(evaluation.EvalError, match="129"):  # too few samples for the metric: refused up front
+        evaluation.TrainingEvaluation(model, str(tmp_path), (28, 28, 1), "mnist_offline", mnist_data_dir, 2,
+                                      evaluation.EvalConfig(nfes=(1,), num_samples=50), metric)

@@ -34,11 +34,14 @@ B = 8
 
 # ---- Preemption: SIGKILL between checkpoints, then SIGTERM, resume to exactly the uninterrupted weights. ----
 
-def start(run_dir, data_dir, steps):
+def start(run_dir, data_dir, steps, console_defaults=False):
+    """A trainer subprocess; with `console_defaults`, with the logging settings a user gets (the trainers' own)."""
     args = [sys.executable, "-m", "trainers.cud", *TINY, f"--data_dir={data_dir}", f"--run_dir={run_dir}",
             f"--train_steps={steps}", "--checkpoint_every=4", "--dropout=0.3", "--seed=5"]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if console_defaults:
+        env.pop("TF_CPP_MIN_LOG_LEVEL")
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def latest_step(run_dir):
@@ -63,7 +66,7 @@ def checkpoint_values(path):
 
 def test_sigkill_sigterm_sigint_resume_bitwise_exact(mnist_data_dir, tmp_path):
     n = 24
-    reference = start(tmp_path / "reference", mnist_data_dir, n)
+    reference = start(tmp_path / "reference", mnist_data_dir, n, console_defaults=True)
     chain = str(tmp_path / "chain")
 
     killed = start(chain, mnist_data_dir, n)  # SIGKILL between checkpoints: resumes from the last one
@@ -102,6 +105,11 @@ def test_sigkill_sigterm_sigint_resume_bitwise_exact(mnist_data_dir, tmp_path):
     assert f"at step {interrupted_at}" in out
     out, err = reference.communicate(timeout=240)
     assert reference.returncode == 0, err
+    # A quiet console: one start line, one end line, and at most 5 others (TF's C++ notices and warnings).
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines[0].startswith(f"training {tmp_path / 'reference'}: ") and "a new run" in lines[0], lines
+    assert sum(line.startswith("done: step 24 in ") for line in lines) == 1, lines
+    assert len(lines) <= 7, lines
 
     ref = checkpoint_values(os.path.join(tmp_path, "reference", "checkpoints", f"ckpt-{n}"))
     got = checkpoint_values(os.path.join(chain, "checkpoints", f"ckpt-{n}"))

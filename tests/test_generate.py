@@ -44,11 +44,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(workdir):
-    path = str(workdir / "run")
-    os.makedirs(path)
-    write_run(path, tiny(num_heads=2))
-    return path
+def run_dir(written_run):
+    return written_run
 
 
 @pytest.fixture(scope="module")

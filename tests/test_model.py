@@ -1,4 +1,6 @@
 """The one train_step: MirroredStrategy over 2 CPUs equals the default strategy; non-finite updates are skipped."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -125,3 +127,34 @@ def test_xla_step_equals_graph_step(monkeypatch):
     np.testing.assert_allclose(float(m_graph["kd1"]), float(m_xla["kd1"]), rtol=1e-3, atol=1e-9)
     for a, b in zip(models[0].net.trainable_variables, models[1].net.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """--jit_compile unset: a few timed steps of graph mode and XLA pick the faster; the timing changes no
+    weight, slot, step or dropout RNG state; a second run of the same configuration reads the cache."""
+    from cud_tf import execution
+    monkeypatch.setenv("CUD_TF_CACHE", str(tmp_path))
+    strategy = tf.distribute.get_strategy()
+
+    def model():
+        tf.keras.utils.set_random_seed(0)
+        net = VelocityUNet(tiny_unet_config(dropout=0.2)).build_variables()
+        return DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=1), OptimConfig(learning_rate=1e-3),
+                              global_batch_size=B, seed=3, jit_compile=None)
+
+    images = np.random.RandomState(4).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(B, np.int32)}).repeat()
+    batch = next(iter(strategy.experimental_distribute_dataset(ds)))
+    first = model()
+    before = [v.numpy() for v in first.variables]
+    choice = execution.choose_xla(first, strategy, batch, steps=1, warmup=1)
+    assert choice["source"] == "measured" and first.xla == (choice["xla_s"] < choice["graph_s"])
+    for a, b in zip(before, first.variables):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(first.step.numpy()) == 0
+    assert list(json.load(open(execution.cache_path()))) == [choice["key"]]
+
+    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("measured again"))
+    second = model()
+    cached = execution.choose_xla(second, strategy, batch)
+    assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]

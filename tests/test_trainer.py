@@ -64,7 +64,17 @@ def test_end_to_end_train_resume_sample(tiny_cud_run, mnist_data_dir, tmp_path):
     assert np.isfinite(metrics["loss"]) and "kd2" in metrics
     ckpts = sorted(os.listdir(os.path.join(source, "checkpoints")))
     assert "ckpt-3.index" in ckpts and "ckpt-4.index" in ckpts
-    assert glob.glob(os.path.join(source, "tb", "events.out.tfevents.*"))
+    events = glob.glob(os.path.join(source, "tb", "events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(os.path.dirname(events[0]), size_guidance={"tensors": 0})
+    acc.Reload()
+    plugins = acc.PluginTagToContent("hparams")  # the resolved configuration in the HParams dashboard
+    assert "_hparams_/session_start_info" in plugins
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    info = plugin_data_pb2.HParamsPluginData.FromString(plugins["_hparams_/session_start_info"]).session_start_info
+    assert info.hparams["objective.order"].number_value == 2 and info.hparams["noise_encoder"].bool_value
+    assert "config" in acc.Tags()["tensors"]  # and as text
     samples = np.load(os.path.join(source, "samples.npy"))
     assert samples.shape == (2, 3, 28, 28, 1) and np.isfinite(samples).all()
     assert os.path.getsize(os.path.join(source, "samples.png")) > 100

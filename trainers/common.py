@@ -20,7 +20,8 @@ DEFINED = []
 # the recorded value (cud_tf.run_dir.open_run).
 MUTABLE = {"run_dir", "train_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "progress",
            "nonfinite", "sample_nfes", "sample_method", "sample_head", "num_sample_images", "data_dir", "manual_dir",
-           "download", "strategy", "jit_compile"}
+           "download", "strategy", "jit_compile", "eval_every", "eval_nfe", "eval_samples", "eval_classifier_dir",
+           "eval_min_accuracy"}
 
 
 def define(define_fn, name, *args, record=True, **kw):
@@ -57,8 +58,9 @@ def define_flags():
            "tf.distribute strategy (mirrored: all local GPUs, else the CPU; multiworker: from TF_CONFIG).")
     define(d.DEFINE_enum, "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
            "Keras dtype policy of the networks.")
-    define(d.DEFINE_boolean, "jit_compile", True, "Compile each replica's losses and gradients with XLA (on 2 CPU "
-           "cores: 1.4x faster steps of the quickstart network, 1.16x of the MNIST paper network).")
+    define(d.DEFINE_boolean, "jit_compile", None, "Compile each replica's losses and gradients with XLA. Unset: "
+           "graph mode or XLA, whichever a few timed steps find faster for this network, step and machine "
+           "(cached; cud_tf.execution).")
     define(d.DEFINE_integer, "log_every", default(L, "log_every"), "Steps between TensorBoard scalars.",
            lower_bound=1)
     define(d.DEFINE_integer, "checkpoint_every", default(L, "checkpoint_every"), "Steps between checkpoints.",
@@ -124,6 +126,16 @@ def define_flags():
            "(1-based).", lower_bound=1)
     define(d.DEFINE_integer, "num_sample_images", default(L, "num_sample_images"), "Images per grid row.",
            lower_bound=1)
+    # Evaluation during training (TensorBoard scalars eval/fd_nfe<k>).
+    define(d.DEFINE_integer, "eval_every", 0, "Steps between evaluations of the EMA weights during training (0: "
+           "none): the distance under the MNIST classifier (MNIST runs) at each --eval_nfe.", lower_bound=0)
+    define(d.DEFINE_list, "eval_nfe", ["1", "2", "4"], "NFEs of the in-training evaluation (Euler).")
+    define(d.DEFINE_integer, "eval_samples", 1000, "Generated images per NFE of the in-training evaluation (at "
+           "least the feature dimension + 1: 129 for the MNIST classifier).", lower_bound=2)
+    define(d.DEFINE_string, "eval_classifier_dir", None, "Cache of the MNIST classifier of the in-training "
+           "evaluation (default ~/.cache/cud_tf/mnist_classifier; trained there on first use).")
+    define(d.DEFINE_float, "eval_min_accuracy", 0.99, "Test-accuracy floor of that classifier (retrained below it).",
+           lower_bound=0.0, upper_bound=1.0)
 
 
 def int_list(values, name):
@@ -256,6 +268,28 @@ def load_distillation_teacher(teacher_run_dir, names):
         raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the teacher has {net_cfg.num_heads} "
                                     "head(s)")
     return strategy, nets, teacher_run, dcfg, shape
+
+
+def with_evaluation(model, image_shape, chief, on_step=None):
+    """The training loop's `on_step` hook: `on_step` (if any), then the in-training evaluation of --eval_every
+    (cud_tf.evaluation.TrainingEvaluation); the hook unchanged without --eval_every."""
+    if not FLAGS.eval_every:
+        return on_step
+    from cud_tf import evaluation
+    cfg = evaluation.EvalConfig(nfes=int_list(FLAGS.eval_nfe, "eval_nfe"), num_samples=FLAGS.eval_samples,
+                                batch_size=min(FLAGS.eval_samples, 500), head=FLAGS.sample_head,
+                                jit_compile=bool(model.xla))
+    from cud_tf.metrics import mnist_classifier
+    metric = evaluation.MetricConfig(classifier_dir=FLAGS.eval_classifier_dir, classifier=mnist_classifier.
+                                     ClassifierConfig(min_accuracy=FLAGS.eval_min_accuracy))
+    ev = evaluation.TrainingEvaluation(model, FLAGS.run_dir, image_shape, FLAGS.dataset, FLAGS.data_dir,
+                                       FLAGS.eval_every, cfg, metric, chief=chief)
+
+    def hook(step):
+        if on_step is not None:
+            on_step(step)
+        ev(step)
+    return hook
 
 
 def require(**named):

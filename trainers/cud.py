@@ -91,7 +91,8 @@ def run():
         metrics = training.train(
             model, strategy,
             lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
-            common.loop_config(), arch, shape)
+            common.loop_config(), arch, shape,
+            on_step=common.with_evaluation(model, shape, training.is_chief(strategy)))
     if os.environ.get("CUD_TF_DUMP_WEIGHTS"):
         common.dump_weights(model, os.environ["CUD_TF_DUMP_WEIGHTS"])
     return metrics

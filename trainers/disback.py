@@ -121,7 +121,7 @@ def run(log=print):
         log(f"DisBack stage 2 (path {FLAGS.disback_path}): teacher {teacher_run.checkpoint}; targets {plan}; "
             f"generator updated every {cfg.fake_updates_per_generator} steps; {FLAGS.train_steps} iterations")
         return training.train(model, strategy, dist_dataset, common.loop_config(), arch, shape, log=log,
-                              on_step=switch)
+                              on_step=common.with_evaluation(model, shape, chief, on_step=switch))
 
 
 def main(argv):

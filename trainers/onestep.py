@@ -98,8 +98,9 @@ def run(log=print):
                 f"iterations {begin}..{end}")
             dist_dataset = lambda start, s=s, begin=begin: strategy.experimental_distribute_dataset(  # noqa: E731
                 onestep.make_dataset(pairs, s, FLAGS.global_batch_size, FLAGS.seed, start - begin))
-            metrics = training.train(model, strategy, dist_dataset, dataclasses.replace(loop, train_steps=end),
-                                     arch, cfg.image_shape, log=log)
+            metrics = training.train(
+                model, strategy, dist_dataset, dataclasses.replace(loop, train_steps=end), arch, cfg.image_shape,
+                log=log, on_step=common.with_evaluation(model, cfg.image_shape, training.is_chief(strategy)))
     return metrics
 
 

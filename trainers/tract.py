@@ -107,7 +107,8 @@ def run():
         return training.train(
             model, strategy,
             lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),
-            common.loop_config(), arch, shape)
+            common.loop_config(), arch, shape,
+            on_step=common.with_evaluation(model, shape, training.is_chief(strategy)))
 
 
 def main(argv):

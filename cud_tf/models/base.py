@@ -78,7 +78,8 @@ class DiffusionModel(keras.Model):
     """Holds the networks, one AdamW per optimizer group, the EMA network, and the step counter.
 
     `objective(nets, batch, rng, step, cfg) -> LossOutput`; groups maps an optimizer group name to the
-    variables it trains (default: {"velocity": velocity net + noise encoder}). With `jit_compile` the
+    variables it trains (default: {"velocity": velocity net + noise encoder}). With `jit_compile` (None: chosen
+    by measurement when training starts, cud_tf.execution) the
     objective and its gradients (every network pass of a step) run as one XLA computation per replica; the
     all-reduce, clipping and update stay outside it.
     """
@@ -86,7 +87,7 @@ class DiffusionModel(keras.Model):
     def __init__(self, net: VelocityUNet, objective: Callable, objective_cfg, optim_cfg: OptimConfig,
                  global_batch_size: int, seed: int = 0, encoder: Optional[VelocityUNet] = None,
                  extra_nets: Optional[Dict[str, VelocityUNet]] = None, groups: Optional[Dict[str, list]] = None,
-                 optim_cfgs: Optional[Dict[str, OptimConfig]] = None, jit_compile: bool = False, **kw):
+                 optim_cfgs: Optional[Dict[str, OptimConfig]] = None, jit_compile: Optional[bool] = False, **kw):
         super().__init__(**kw)
         self.net, self.encoder = net, encoder
         self.objective, self.objective_cfg = objective, objective_cfg
@@ -182,13 +183,14 @@ class DiffusionModel(keras.Model):
         `objective_step(objective)` for each choice."""
         return self.objective_step(self.objective)(batch, step, replica_id, num_replicas)
 
-    def objective_step(self, objective):
+    def objective_step(self, objective, xla=None):
         """`(batch, step, replica_id, num_replicas) -> (metrics, grads)` for `objective`: one XLA computation
-        per replica with `jit_compile`, built once per objective."""
-        if objective not in self._objective_steps:
+        per replica when `xla` (default: the model's choice, `self.xla`), built once per objective and mode."""
+        xla = self.xla if xla is None else xla
+        if (objective, xla) not in self._objective_steps:
             fn = functools.partial(self._compute_losses_and_grads, objective)
-            self._objective_steps[objective] = tf.function(fn, jit_compile=True) if self.xla else fn
-        return self._objective_steps[objective]
+            self._objective_steps[objective, xla] = tf.function(fn, jit_compile=True) if xla else fn
+        return self._objective_steps[objective, xla]
 
     # -- The step itself. --------------------------------------------------------------------------------------
 

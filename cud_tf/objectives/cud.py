@@ -38,7 +38,7 @@ def loss_weights(step, cfg: ObjectiveConfig):
     return 2.0 * frac, 2.0 * (1.0 - frac)
 
 
-# Shao et al. 2023, "Catch-Up Distillation" (arXiv 2305.10769), eq. 8-10: sum_i w_kd D(g_i(F), v~_i) + w_gt D(g_i(F), u).
+# Shao et al. 2023, "Catch-Up Distillation" (arXiv 2305.10769), eq. 8-10: sum_i w_kd D(g_i, v~_i) + w_gt D(g_i, u).
 def loss(nets: Nets, batch, rng, step, cfg: ObjectiveConfig) -> LossOutput:
     """Per-example `[B]` CUD loss (+ beta KL with the noise encoder) in group "velocity"."""
     k_order = cfg.order

@@ -4,7 +4,8 @@ path (docs/algorithms.md section 9).
 Stage 1 (`degradation_loss`) fits a copy of the teacher to samples of the frozen initial generator G^0; stage 2
 (`loss`, `fake_loss`) trains the generator with the distribution-matching gradient against a target network and
 keeps the fake network fitting the generator's samples. Which path node is the target, and on which steps the
-generator is updated, is decided outside (`cud_tf.models.disback`, `cud_tf.disback_path`): these functions see the networks they are given.
+generator is updated, is decided outside (`cud_tf.models.disback`, `cud_tf.disback_path`): these functions see the
+networks they are given.
 """
 import dataclasses
 
@@ -104,7 +105,7 @@ def _stage2(nets: Nets, batch, rng, cfg: DisbackConfig, train_generator: bool):
                                         g_norm=tf.sqrt(tf.reduce_sum(tf.square(g), axis=[1, 2, 3]))))
 
 
-# Zhang et al. 2025, "DisBack" (arXiv 2408.15991), stage 2: grad_x G = g toward the target's x0_hat; fake fits G's samples.
+# Zhang et al. 2025, "DisBack" (arXiv 2408.15991), stage 2: grad_x G = g toward the target; fake fits G's samples.
 def loss(nets: Nets, batch, rng, step, cfg: DisbackConfig) -> LossOutput:
     """A step that updates both the generator `nets.velocity` (group "velocity": the distribution-matching loss
     against `nets.teacher`, the current target) and the fake net `nets.extra["fake"]` (group "fake")."""

@@ -1,6 +1,4 @@
 """Rectified flow, the baseline: CUD with catch-up turned off."""
-import tensorflow as tf
-
 from cud_tf.objectives.common import LossOutput, Nets, ObjectiveConfig, conditioning, distance, training_point
 
 

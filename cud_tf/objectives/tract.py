@@ -117,7 +117,7 @@ def _randint(r, n):
     return tf.minimum(tf.cast(tf.floor(r * tf.cast(n, tf.float32)), tf.int32), n - 1)
 
 
-# Berthelot et al. 2023, "TRACT" (arXiv 2303.04248), sec. 3: w(t) ||v_phi(x_t, t) - sg(v*)||^2, v* from teacher + self-teacher.
+# Berthelot et al. 2023, "TRACT" (arXiv 2303.04248), sec. 3: w(t) ||v_phi(x_t, t) - sg(v*)||^2 (teacher + self-teacher).
 def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     """Per-example `[B]` TRACT loss of the student `nets.velocity` in group "velocity", with targets from
     `nets.teacher` (one step) and `nets.extra["self_teacher"]` (the jump to the group end)."""
