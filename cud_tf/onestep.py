@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from cud_tf import interpolants, solvers
+from cud_tf import interpolants, run_dir, solvers
 from cud_tf.sampling import velocity_fn
 
 TRAJECTORIES = "trajectories.npz"
@@ -110,9 +110,7 @@ def load_or_generate(path, net, source, image_shape, stages, num_steps, num_pair
             return {k: f[k] for k in ("z", "target", "label")}
     out = generate_trajectories(net, image_shape, stages, num_steps, num_pairs, head=head, seed=seed,
                                 batch_size=batch_size)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, meta=json.dumps(meta), **out)
-    os.replace(tmp, path)
+    run_dir.write_atomically(path, lambda f: np.savez(f, meta=json.dumps(meta), **out), "wb")
     log(f"stored {num_pairs} trajectories (targets at steps {list(stages)} of {num_steps}) in {path}")
     return out
 
@@ -129,6 +127,9 @@ def make_dataset(pairs, stage, batch_size, seed, start_batch=0):
     def one_pass(p):
         pass_seed = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(base, p), None, None,
                                                 tf.int64)
+        # The stream depends on the seed alone, never on a global TF seed (under global seed 0 TF's shuffle
+        # cannot take a tensor seed at all): the pass is built as in a graph without one.
+        tf.compat.v1.get_default_graph().seed = None
         return ds.shuffle(n, seed=pass_seed, reshuffle_each_iteration=False)
 
     out = tf.data.Dataset.counter(first // n).flat_map(one_pass).skip(first % n)

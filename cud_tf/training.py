@@ -342,8 +342,7 @@ def write_samples(model, image_shape, cfg: LoopConfig, writer, step, png):
         with writer.as_default(step=step):
             tf.summary.image("samples_nfe_" + "_".join(map(str, cfg.sample_nfes)), grid[None], step=step)
     if png:
-        tmp = os.path.join(cfg.run_dir, f"samples.tmp{os.getpid()}.png")
-        summaries.write_png(tmp, grid)
-        os.replace(tmp, os.path.join(cfg.run_dir, "samples.png"))
+        png_bytes = tf.io.encode_png(grid).numpy()
+        run_dir.write_atomically(os.path.join(cfg.run_dir, "samples.png"), lambda f: f.write(png_bytes), "wb")
         run_dir.write_atomically(os.path.join(cfg.run_dir, "samples.npy"), lambda f: np.save(f, np.stack(rows)),
                                  "wb")

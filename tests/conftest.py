@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # As the trainers set it (trainers/__init__.py), so in-process tests and trainer subprocesses run the same kernels.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# The XLA-choice cache of --jit_compile unset (cud_tf.execution) stays inside the test session.
+os.environ["CUD_TF_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cud_tf_test_cache_{os.getpid()}")
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -66,6 +66,14 @@ def test_same_seed_same_stream_other_seed_differs(cfg):
     a, b, c = (batches(data.make_dataset(cfg, 16, seed=s), 3) for s in (1, 1, 2))
     assert_same(a, b)
     assert not np.array_equal(a[0]["image"], c[0]["image"])
+    # The stream depends on `seed` alone: not on a global TF seed, 0 included (where TF's shuffle refused a
+    # tensor seed: "Using a symbolic tf.Tensor as a Python bool").
+    try:
+        for global_seed in (0, 7):
+            tf.random.set_seed(global_seed)
+            assert_same(a, batches(data.make_dataset(cfg, 16, seed=1), 3))
+    finally:
+        tf.random.set_seed(None)
 
 
 def test_start_batch_resumes_stream_across_epochs(cfg):

@@ -226,7 +226,7 @@ def test_full_disk_then_corrupted_checkpoint_keep_the_good_one(tmp_path, monkeyp
     model = build_model()
     train(model, loop(run_dir, 4, keep=3), dataset(), lines)
     assert any(f"checkpoint {ckpts}/ckpt-3 is unreadable" in line for line in lines), lines
-    assert f"resumed from {ckpts}/ckpt-2 at step 2" in lines
+    assert any(f"; resumed from {ckpts}/ckpt-2 at step 2;" in line for line in lines), lines
     assert int(model.step.numpy()) == 4 and latest_step(run_dir) == 4
     for f, content in good.items():  # the good checkpoint survived the next saves, byte for byte
         assert open(f, "rb").read() == content

@@ -206,15 +206,13 @@ def test_block_flags_reach_the_config_and_default_to_its_defaults():
         FLAGS(["trainers.cud", "--resample=residual", "--noresample_proj", "--attention_type=adm",
                "--attn_head_channels=32", "--scale_shift_norm", "--residual_scale=1", "--decoder_attention=every"])
         cfg = common.network_config((28, 28, 1))
+        written = common.flags_string().split()  # flags.txt of a run with these options
     assert {k: getattr(cfg, k) for k in NEW_OPTIONS} == dict(
         resample="residual", resample_proj=False, attention_type="adm", attn_head_channels=32, scale_shift_norm=True,
         residual_scale=1.0, decoder_attention="every")
-    # A distillation run's flags.txt describes its teacher's network: describe_network, then the flags, round-trip.
+    # The options round-trip through flags.txt (a distillation run records its teacher's network in arch.json and
+    # config.json instead).
     with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(["trainers.cud"])
-        common.describe_network(cfg)
-        written = common.flags_string().split()
         FLAGS.unparse_flags()
         FLAGS(["trainers.cud", *written])
         assert common.network_config((28, 28, 1)) == cfg
@@ -282,10 +280,10 @@ def test_checkpoint_holds_every_variable(tmp_path):
 
 
 def test_run_directory_written_before_the_block_options_still_resumes(tmp_path):
-    from cud_tf import training
+    from cud_tf import run_dir
     arch = common.arch_dict(tiny_unet_config(), False)
     (tmp_path / "arch.json").write_text(json.dumps({k: v for k, v in arch.items() if k not in NEW_OPTIONS}))
-    training.check_architecture(str(tmp_path), arch, write=False)  # the options it lacks read as their defaults
+    run_dir.check_architecture(str(tmp_path), arch)  # the options it lacks read as their defaults
     other = common.arch_dict(tiny_unet_config(resample="residual"), False)
-    with pytest.raises(training.TrainingError, match="resample: pool in the checkpoint vs residual now"):
-        training.check_architecture(str(tmp_path), other, write=False)
+    with pytest.raises(run_dir.RunError, match="resample: pool in the checkpoint vs residual now"):
+        run_dir.check_architecture(str(tmp_path), other)

@@ -189,6 +189,9 @@ def make_dataset(
         pass_seed = tf.random.stateless_uniform(  # A full-range int64 drawn from (seed, pipeline, p).
             [], tf.random.experimental.stateless_fold_in(base_seed, p), None, None, tf.int64
         )
+        # The stream depends on the seed alone, never on a global TF seed (under global seed 0 TF's shuffle
+        # cannot take a tensor seed at all): the pass is built as in a graph without one.
+        tf.compat.v1.get_default_graph().seed = None
         return ds.shuffle(cfg.shuffle_buffer, seed=pass_seed, reshuffle_each_iteration=False)
 
     passes = tf.data.Dataset.counter(first // n) if repeat else tf.data.Dataset.range(first // n, 1)
