@@ -82,5 +82,5 @@ def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data
         FLAGS.unparse_flags()
         FLAGS(["trainers.disback", f"--flagfile={run_dir}/flags.txt", "--disback_record_every=3"])
         from cud_tf.run_dir import RunError
-        with pytest.raises(RunError, match="--disback_record_every: 2 recorded vs 3 now"):
+        with pytest.raises(RunError, match="disback_record_every: 2 in the checkpoint vs 3 now"):
             disback_trainer.run(log=logs.append)
