@@ -69,7 +69,7 @@ def test_end_to_end_two_phases_resume_mid_phase(tiny_cud_run, mnist_data_dir, tm
         FLAGS(["trainers.tract", f"--flagfile={run_dir}/flags.txt", "--train_steps=8",
                "--tract_steps_per_phase=4"])
         from cud_tf.run_dir import RunError
-        with pytest.raises(RunError, match="--tract_steps_per_phase: 3 recorded vs 4 now"):
+        with pytest.raises(RunError, match="tract_steps_per_phase: 3 in the checkpoint vs 4 now"):
             tract_trainer.run()
         FLAGS.tract_steps_per_phase = 3
         with pytest.raises(flags.ValidationError, match="past the schedule"):
