@@ -19,18 +19,6 @@ def to_uint8(images):
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(rows, pad=2):
-    """A list of R batches `[N, H, W, C]` in [-1, 1] -> one uint8 image `[R*(H+pad)+pad, N*(W+pad)+pad, C]`."""
-    rows = [to_uint8(r) for r in rows]
-    n, h, w, c = rows[0].shape
-    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = img
-    return grid
-
-
 def _font(size):
     from PIL import ImageFont
     try:
