@@ -86,16 +86,16 @@ def _stage2(nets: Nets, batch, rng, cfg: DisbackConfig, train_generator: bool):
     b = tf.shape(x)[0]
     y = conditioning(nets, batch, rng, cfg)
     z = rng.normal("gen_z", x)
-    x_g = generate(nets.velocity, z, y, training=train_generator)
+    x_g = generate(nets.velocity, z, y, cfg.head, training=train_generator)
     fake = nets.extra["fake"]
-    fit = rf_fit(fake, x_g, y, rng, cfg)
+    fit = rf_fit(fake, x_g, y, rng, cfg, cfg.head)
     per_example, metrics = {"fake": fit}, {"fake_loss": fit}
     if not train_generator:
         zeros = tf.zeros([b])
         return LossOutput(per_example, dict(metrics, loss=fit, **{k: zeros for k in GENERATOR_METRICS}))
     t = cfg.t_min + (cfg.t_max - cfg.t_min) * rng.uniform("dm_t", b)
     x_t = tf.stop_gradient(interpolants.x_t(x0=x_g, z=rng.normal("dm_eps", x), t=t))
-    v_fake = tf.cast(fake(x_t, t, y, training=False, head=1), tf.float32)
+    v_fake = tf.cast(fake(x_t, t, y, training=False, head=cfg.head), tf.float32)
     v_target = velocity_fn(nets.teacher, cfg.head, y, guidance_scale=cfg.guidance_scale)(x_t, t)
     g = dm_gradient(tf.stop_gradient(v_fake), tf.stop_gradient(v_target), tf.stop_gradient(x_g), x_t, t)
     gen = generator_loss(x_g, g)
