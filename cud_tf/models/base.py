@@ -109,6 +109,15 @@ class DiffusionModel(keras.Model):
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_updates",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # mixed_float16: dynamic loss scaling (explicit, so that it composes with the all-reduce, clipping and
+        # the non-finite skip): halved on a skipped step, doubled after LOSS_SCALE_PERIOD finite steps.
+        self.loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
+        self.loss_scale = tf.Variable(2.0 ** 15 if self.loss_scaling else 1.0, dtype=tf.float32, trainable=False,
+                                      name="loss_scale", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.loss_scale_good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good",
+                                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    LOSS_SCALE_PERIOD = 2000
 
     @property
     def nets(self) -> Nets:
@@ -123,6 +132,8 @@ class DiffusionModel(keras.Model):
             items[f"net_{name}"] = checkpoint_variables(n)
         for g, opt in self.optimizers_by_group.items():
             items[f"optimizer_{g}"] = opt
+        if self.loss_scaling:
+            items.update(loss_scale=self.loss_scale, loss_scale_good_steps=self.loss_scale_good_steps)
         return items
 
     def sync_ema(self):
@@ -147,6 +158,8 @@ class DiffusionModel(keras.Model):
         grads, finite = {}, tf.constant(True)
         for g, local in local_grads.items():
             grads[g] = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # the global-batch gradient
+            if self.loss_scaling:  # unscale before the norm, the finite check and clipping
+                grads[g] = [gr / tf.cast(self.loss_scale, gr.dtype) for gr in grads[g]]
             norm = tf.linalg.global_norm(grads[g])
             metrics[f"grad_norm_{g}"] = norm / n
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
@@ -207,11 +220,15 @@ class DiffusionModel(keras.Model):
         rng = interpolants.Rng(interpolants.fold_seed(self.seed, step), replica_id, num_replicas)
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
             out = objective(self.nets, batch, rng, step, self.objective_cfg)
-            losses = {g: self.replica_share(v) for g, v in out.per_example.items()}
+            losses = {g: self.replica_share(tf.cast(v, tf.float32)) for g, v in out.per_example.items()}
+            if self.loss_scaling:
+                scaled = {g: v * self.loss_scale for g, v in losses.items()}
+            else:
+                scaled = losses
         metrics = {k: self.replica_share(tf.cast(v, tf.float32)) for k, v in out.metrics.items()}
         grads = {}
         for g, variables in self.group_vars.items():
-            local = tape.gradient(losses[g], variables) if g in losses else [None] * len(variables)
+            local = tape.gradient(scaled[g], variables) if g in scaled else [None] * len(variables)
             grads[g] = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, variables)]
         del tape
         return metrics, grads
@@ -231,6 +248,11 @@ class DiffusionModel(keras.Model):
                 return lambda: distribution.extended.call_for_each_replica(apply, args=(grads_,))
 
             def apply_active():
+                if self.loss_scaling:
+                    good = self.loss_scale_good_steps.assign_add(1)
+                    grow = good >= self.LOSS_SCALE_PERIOD
+                    self.loss_scale.assign(tf.where(grow, self.loss_scale * 2.0, self.loss_scale))
+                    self.loss_scale_good_steps.assign(tf.where(grow, tf.zeros_like(good), good))
                 for g in self.optimizers_by_group:
                     if g in active_:
                         tf.cond(first(active_[g]), apply_group(g), lambda: None)
@@ -239,6 +261,9 @@ class DiffusionModel(keras.Model):
 
             def skip():
                 self.skipped_updates.assign_add(1)
+                if self.loss_scaling:  # a skipped step lowers the scale; the EMA is never touched
+                    self.loss_scale.assign(tf.maximum(self.loss_scale * 0.5, 1.0))
+                    self.loss_scale_good_steps.assign(0)
 
             # Every replica computed the same flags from all-reduced gradients and the step: take the first.
             tf.cond(first(finite_), apply_active, skip)
