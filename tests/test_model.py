@@ -158,3 +158,42 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     second = model()
     cached = execution.choose_xla(second, strategy, batch)
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
+
+# mixed_float16: dynamic loss scaling inside the one train_step (scale, unscale after the all-reduce, skip + halve).
+
+@pytest.fixture
+def float16_policy():
+    """The global Keras policy is process-wide: set mixed_float16 for one test and restore it."""
+    import keras
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy(old)
+
+
+def test_float16_step_trains_with_a_scaled_loss_and_an_overflow_halves_the_scale(float16_policy):
+    strategy = tf.distribute.get_strategy()
+    model = build(strategy, "rf", 1, False)
+    assert model.loss_scaling and float(model.loss_scale.numpy()) == 2.0 ** 15
+    assert all(v.dtype == tf.float32 for v in model.net.trainable_variables)  # fp32 master weights
+    images = np.random.RandomState(1).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    before = [v.numpy() for v in model.net.trainable_variables]
+    metrics = run_steps(strategy, model, images, 1)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
+    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 1
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.net.trainable_variables))
+    # An overflow: a scale so large that the scaled fp16 gradients are infinite. The step is skipped, the scale
+    # halved, weights and optimizer (and so the EMA, which the optimizer updates) untouched.
+    model.loss_scale.assign(3.0e38)
+    after_one = [v.numpy() for v in model.net.trainable_variables]
+    metrics = run_steps(strategy, model, images, 1)
+    assert float(metrics["nonfinite"]) == 1.0 and int(model.skipped_updates.numpy()) == 1
+    assert float(model.loss_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
+    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 1
+    for a, b in zip(after_one, model.net.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_float32_has_no_loss_scaling_in_its_checkpoint():
+    model = build(tf.distribute.get_strategy(), "rf", 1, False)
+    assert not model.loss_scaling and "loss_scale" not in model.trackables()  # fp32 checkpoints unchanged
