@@ -56,7 +56,7 @@ def test_guidance_applies_to_the_target_only():
     out = objective.loss(Nets(velocity=gen, teacher=target, extra={"fake": fake}), batch, rng, 3, cfg)
 
     y, x = batch["label"], batch["image"]  # the same stateless draws, by hand
-    x_g = objective.generate(gen, rng.normal("gen_z", x), y)
+    x_g = objective.generate(gen, rng.normal("gen_z", x), y, head=1)
     t = 0.02 + 0.96 * rng.uniform("dm_t", 4)
     x_t = interpolants.x_t(x0=x_g, z=rng.normal("dm_eps", x), t=t)
     v_fake = fake(x_t, t, y, head=1)

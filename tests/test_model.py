@@ -1,6 +1,7 @@
 """The one train_step: MirroredStrategy over 2 CPUs equals the default strategy; non-finite updates are skipped."""
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -159,12 +160,11 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     cached = execution.choose_xla(second, strategy, batch)
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
 
-# mixed_float16: dynamic loss scaling inside the one train_step (scale, unscale after the all-reduce, skip + halve).
 
+# mixed_float16: dynamic loss scaling inside the one train_step (scale, unscale after the all-reduce, skip + halve).
 @pytest.fixture
 def float16_policy():
     """The global Keras policy is process-wide: set mixed_float16 for one test and restore it."""
-    import keras
     old = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     yield

@@ -109,15 +109,20 @@ class DiffusionModel(keras.Model):
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_updates",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # mixed_float16: dynamic loss scaling (explicit, so that it composes with the all-reduce, clipping and
-        # the non-finite skip): halved on a skipped step, doubled after LOSS_SCALE_PERIOD finite steps.
-        self.loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
-        self.loss_scale = tf.Variable(2.0 ** 15 if self.loss_scaling else 1.0, dtype=tf.float32, trainable=False,
-                                      name="loss_scale", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.loss_scale_good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good",
-                                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # mixed_float16: one dynamic loss scale for all groups (explicit, so that it composes with the all-reduce,
+        # clipping and the non-finite skip): halved on a skipped step, doubled after LOSS_SCALE_PERIOD finite steps.
+        self.loss_scale = self.loss_scale_good_steps = None
+        if keras.mixed_precision.global_policy().name == "mixed_float16":
+            self.loss_scale = tf.Variable(2.0 ** 15, trainable=False, name="loss_scale",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.loss_scale_good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good",
+                                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     LOSS_SCALE_PERIOD = 2000
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.loss_scale is not None
 
     @property
     def nets(self) -> Nets:
@@ -221,14 +226,12 @@ class DiffusionModel(keras.Model):
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
             out = objective(self.nets, batch, rng, step, self.objective_cfg)
             losses = {g: self.replica_share(tf.cast(v, tf.float32)) for g, v in out.per_example.items()}
-            if self.loss_scaling:
-                scaled = {g: v * self.loss_scale for g, v in losses.items()}
-            else:
-                scaled = losses
+            if self.loss_scaling:  # scaled before the gradient, unscaled after the all-reduce
+                losses = {g: self.loss_scale * v for g, v in losses.items()}
         metrics = {k: self.replica_share(tf.cast(v, tf.float32)) for k, v in out.metrics.items()}
         grads = {}
         for g, variables in self.group_vars.items():
-            local = tape.gradient(scaled[g], variables) if g in scaled else [None] * len(variables)
+            local = tape.gradient(losses[g], variables) if g in losses else [None] * len(variables)
             grads[g] = [tf.zeros_like(v) if gr is None else gr for gr, v in zip(local, variables)]
         del tape
         return metrics, grads

@@ -39,19 +39,20 @@ class DisbackConfig:
             raise ValueError(f"fake_updates_per_generator={self.fake_updates_per_generator} must be >= 1")
 
 
-def generate(net, z, y, head=1, training=False):
-    """The one-step generator G(z) = z - v(z, 1) `[B,H,W,C]` of velocity net `net` (labels y `[B]` or None)."""
+def generate(net, z, y, head, training=False):
+    """The one-step generator G(z) = z - v(z, 1) `[B,H,W,C]` of head `head` of `net` (labels y `[B]` or None)."""
     t = tf.ones(tf.shape(z)[:1], tf.float32)
     return z - tf.cast(net(z, t, y, training=training, head=head), tf.float32)
 
 
-def rf_fit(net, x0, y, rng, cfg: DisbackConfig, head=1):
-    """Per-example `[B]` rectified-flow loss D(v(x_t, t), z - x0) of `net` on the (detached) samples x0."""
+def rf_fit(net, x0, y, rng, cfg: DisbackConfig):
+    """Per-example `[B]` rectified-flow loss D(v(x_t, t), z - x0) of head `cfg.head` of `net` on the (detached)
+    samples x0."""
     x0 = tf.stop_gradient(x0)
     b = tf.shape(x0)[0]
     t = interpolants.t_from_uniform(rng.uniform("fit_t", b), cfg.eps)
     z = rng.normal("fit_z", x0)
-    v = net(interpolants.x_t(x0=x0, z=z, t=t), t, y, training=True, head=head)
+    v = net(interpolants.x_t(x0=x0, z=z, t=t), t, y, training=True, head=cfg.head)
     return distance(v, interpolants.velocity_target(x0=x0, z=z), cfg.distance)
 
 
@@ -77,7 +78,7 @@ def degradation_loss(nets: Nets, batch, rng, step, cfg: DisbackConfig) -> LossOu
     x = batch["image"]
     y = conditioning(nets, batch, rng, cfg)
     x_g = tf.stop_gradient(generate(nets.extra["generator0"], rng.normal("gen_z", x), y, cfg.head))
-    fit = rf_fit(nets.velocity, x_g, y, rng, cfg, cfg.head)
+    fit = rf_fit(nets.velocity, x_g, y, rng, cfg)
     return LossOutput(per_example={"velocity": fit}, metrics={"loss": fit})
 
 
@@ -88,7 +89,7 @@ def _stage2(nets: Nets, batch, rng, cfg: DisbackConfig, train_generator: bool):
     z = rng.normal("gen_z", x)
     x_g = generate(nets.velocity, z, y, cfg.head, training=train_generator)
     fake = nets.extra["fake"]
-    fit = rf_fit(fake, x_g, y, rng, cfg, cfg.head)
+    fit = rf_fit(fake, x_g, y, rng, cfg)
     per_example, metrics = {"fake": fit}, {"fake_loss": fit}
     if not train_generator:
         zeros = tf.zeros([b])
