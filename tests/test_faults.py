@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from helpers import tiny_unet_config
+from helpers import tiny
 from cud_tf import training
 from cud_tf.models.base import DiffusionModel, OptimConfig
 from cud_tf.networks.unet import VelocityUNet
@@ -26,7 +26,7 @@ from trainers import cud as cud_trainer
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cud_trainer.define_flags()
-TINY = ["--channels=8", "--channel_mult=1,2", "--num_res_blocks=1", "--global_batch_size=8", "--sample_nfes=1",
+TINY = ["--channels=8", "--channel_mult=1", "--num_res_blocks=1", "--global_batch_size=8", "--sample_nfes=1",
         "--num_sample_images=2", "--noprogress", "--nojit_compile", "--nomid_attention", "--strategy=default",
         "--log_every=100"]
 B = 8
@@ -141,7 +141,7 @@ def test_a_second_trainer_on_a_locked_run_dir_exits_naming_the_holder(mnist_data
 def build_model(learning_rate=1e-3):
     with tf.distribute.get_strategy().scope():
         tf.keras.utils.set_random_seed(0)
-        net = VelocityUNet(tiny_unet_config(dropout=0.2)).build_variables()
+        net = VelocityUNet(tiny(dropout=0.2)).build_variables()
         return DiffusionModel(net, OBJECTIVES["rf"], ObjectiveConfig(), OptimConfig(learning_rate=learning_rate),
                               global_batch_size=B, seed=1)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import tiny_unet_config
+from helpers import tiny
 from cud_tf import interpolants
 from cud_tf.models.base import OptimConfig
 from cud_tf.models.cud import CudModel as DiffusionModel
@@ -17,7 +17,7 @@ B = 8
 
 
 def build(strategy, method, order, encoder, catchup_model="train"):
-    cfg = tiny_unet_config(num_heads=order)
+    cfg = tiny(num_heads=order)
     with strategy.scope():
         tf.keras.utils.set_random_seed(0)
         net = VelocityUNet(cfg).build_variables()
@@ -120,7 +120,7 @@ def test_xla_step_equals_graph_step(monkeypatch):
     models = []
     for jit in (False, True):
         tf.keras.utils.set_random_seed(0)
-        net = VelocityUNet(tiny_unet_config()).build_variables()
+        net = VelocityUNet(tiny()).build_variables()
         models.append(DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=1), OptimConfig(learning_rate=1e-3),
                                      global_batch_size=B, seed=3, jit_compile=jit))
     m_graph, m_xla = (run_steps(tf.distribute.get_strategy(), m, images, 1) for m in models)
@@ -139,7 +139,7 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
 
     def model():
         tf.keras.utils.set_random_seed(0)
-        net = VelocityUNet(tiny_unet_config(dropout=0.2)).build_variables()
+        net = VelocityUNet(tiny(dropout=0.2)).build_variables()
         return DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=1), OptimConfig(learning_rate=1e-3),
                               global_batch_size=B, seed=3, jit_compile=None)
 

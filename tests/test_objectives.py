@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import tiny_unet_config
+from helpers import tiny
 from cud_tf import interpolants
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
 from cud_tf.objectives import OBJECTIVES, Nets, ObjectiveConfig, cud
@@ -94,7 +94,7 @@ def test_adaptive_weights():
 
 @pytest.fixture(scope="module")
 def nets():
-    cfg = tiny_unet_config(num_heads=3)
+    cfg = tiny(num_heads=3)
     net = VelocityUNet(cfg).build_variables()
     enc = VelocityUNet(noise_encoder_config(cfg)).build_variables()
     return Nets(velocity=net, catchup=net, encoder=enc)

@@ -101,7 +101,7 @@ def test_end_to_end_train_resume_sample(tiny_cud_run, mnist_data_dir, tmp_path):
     with flagsaver.flagsaver():
         parse(f"--flagfile={run_dir}/flags.txt", "--train_steps=8", "--cud_step=origin", "--learning_rate=1e-3")
         with pytest.raises(RunError, match=r"other settings \(--cud_step: uniform recorded vs origin now, "
-                                           r"--learning_rate: 0.002 recorded vs 0.001 now\)"):
+                                           r"--learning_rate: 0.01 recorded vs 0.001 now\)"):
             cud_trainer.run()
     assert "ckpt-6.index" in os.listdir(os.path.join(run_dir, "checkpoints"))
     assert "ckpt-8.index" not in os.listdir(os.path.join(run_dir, "checkpoints"))

@@ -35,9 +35,11 @@ class OptimConfig:
     beta_2: float = 0.999
 
 
-class ReducedAdamW(keras.optimizers.AdamW):
-    """AdamW for gradients that the model has already summed over replicas (it all-reduces once itself, so
-    that clipping, the gradient norm and the finite check see the global-batch gradient)."""
+class ReducedAdamW(keras.optimizers.Adam):
+    """AdamW (Keras' Adam with decoupled `weight_decay`, as keras.optimizers.AdamW is) for gradients that the model
+    has already summed over replicas (it all-reduces once itself, so that clipping, the gradient norm and the
+    finite check see the global-batch gradient). Unlike keras.optimizers.AdamW it takes weight_decay=None, which
+    skips the decay update: Keras traces and runs one per variable for any other value, 0.0 included."""
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return list(grads_and_vars)
@@ -50,8 +52,8 @@ def make_optimizer(cfg: OptimConfig, use_ema=True, name=None):
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=cfg.learning_rate,
             warmup_steps=cfg.warmup_steps)
-    return ReducedAdamW(learning_rate=lr, weight_decay=cfg.weight_decay, beta_1=cfg.beta_1,
-                                  beta_2=cfg.beta_2, use_ema=use_ema, ema_momentum=cfg.ema_decay, name=name)
+    return ReducedAdamW(learning_rate=lr, weight_decay=cfg.weight_decay or None, beta_1=cfg.beta_1,
+                        beta_2=cfg.beta_2, use_ema=use_ema, ema_momentum=cfg.ema_decay, name=name)
 
 
 def ema_variables(optimizer):
