@@ -340,7 +340,8 @@ def test_fixed_inference_ema_decay_is_what_the_model_applies():
     cfg = tract.TractConfig(schedule=(4, 2, 1), steps_per_phase=2, offsets="tops", second_step="teacher",
                             inference_ema_decay=0.9995)
     tf.keras.utils.set_random_seed(0)
-    nets = [VelocityUNet(tiny_unet_config(), name=n).build_variables() for n in ("velocity", "teacher", "self")]
+    net_cfg = tiny_unet_config(channel_mult=(1,), base_channels=4)
+    nets = [VelocityUNet(net_cfg, name=n).build_variables() for n in ("velocity", "teacher", "self")]
     model = tract_model.TractModel(*nets, cfg, OptimConfig(learning_rate=1e-2), global_batch_size=4)
     for avg, theta in zip(model.inference_ema_variables, model.net.trainable_variables, strict=True):
         avg.assign(tf.zeros_like(avg))
@@ -353,3 +354,50 @@ def test_fixed_inference_ema_decay_is_what_the_model_applies():
         np.testing.assert_allclose(avg.numpy(), rate, rtol=1e-5)
     for a, b in zip(self_teacher, model.self_teacher_variables):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_btd_flags_are_recorded_and_a_resume_must_keep_them(tmp_path):
+    """configs/btd_mnist.cfg resolves to BTD's options; config.json and flags.txt record them (through the
+    trainer's own run_records and claimed_run_dir, without training); flags.txt parses back to the same
+    TractConfig, and a resume that changes one is refused. Bad values are one-line flag errors."""
+    import json
+    from cud_tf import run_dir as run_dir_lib
+    from trainers import common
+    run_dir = str(tmp_path / "btd")
+    os.chdir(ROOT)
+
+    def parse_config(*args):
+        FLAGS.unparse_flags()
+        FLAGS(["trainers.tract", *args])
+        return tract_trainer.tract_config(num_classes=0)
+
+    with flagsaver.flagsaver():
+        cfg = parse_config("--flagfile=configs/btd_mnist.cfg", f"--run_dir={run_dir}")
+        assert (cfg.offsets, cfg.second_step, cfg.inference_ema_decay, cfg.clip_x0) == ("tops", "teacher", 0.9, False)
+        assert cfg.inference_decay == 0.9 and not cfg.uses_self_teacher
+        arch, config = tract_trainer.run_records(cfg, tiny_unet_config(), "ckpt-7")
+        with common.claimed_run_dir(arch, config, chief=True):
+            pass
+        objective = json.load(open(os.path.join(run_dir, run_dir_lib.CONFIG)))["objective"]
+        assert {k: objective[k] for k in ("offsets", "second_step", "inference_ema_decay", "clip_x0")} == dict(
+            offsets="tops", second_step="teacher", inference_ema_decay=0.9, clip_x0=False)
+        text = open(os.path.join(run_dir, run_dir_lib.FLAGS_FILE)).read().splitlines()
+        for line in ("--tract_offsets=tops", "--tract_second_step=teacher", "--tract_inference_ema=0.9",
+                     "--notract_clip_x0"):
+            assert line in text
+
+        flags_file = f"--flagfile={run_dir}/{run_dir_lib.FLAGS_FILE}"
+        assert parse_config(flags_file) == cfg  # a resume from the run's flags keeps every option
+        parse_config(flags_file, "--tract_second_step=self_teacher")
+        with pytest.raises(run_dir_lib.RunError, match="tract_second_step: teacher recorded vs self_teacher now"):
+            with common.claimed_run_dir(arch, config, chief=True):
+                pass
+
+        for bad, match in ((["--tract_inference_ema=fast"], "expected 'tract' or a decay"),
+                           (["--tract_inference_ema=1"], "expected 'tract' or a decay"),
+                           (["--tract_schedule=1024,32,1", "--train_steps=120"], "S = 2")):
+            with pytest.raises(flags.ValidationError, match=match):
+                parse_config("--flagfile=configs/btd_mnist.cfg", *bad)
+        tract_cfg = parse_config("--flagfile=configs/tract_mnist.cfg")  # TRACT keeps its own choices
+        assert (tract_cfg.offsets, tract_cfg.second_step, tract_cfg.inference_ema_decay) == ("all", "self_teacher",
+                                                                                            None)

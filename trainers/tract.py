@@ -104,6 +104,17 @@ def tract_config(num_classes):
         raise flags.ValidationError(f"TRACT flags: {e}") from None
 
 
+def run_records(cfg, net_cfg, teacher_checkpoint):
+    """(arch, config) of the run directory: the schedule in arch.json, and in config.json the whole TractConfig
+    (offsets, second step, EMA decays, clipping, ...) and the teacher, which a resume must match."""
+    arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
+                tract_steps_per_phase=cfg.steps_per_phase)
+    config = common.recorded_config("tract", net_cfg, objective=cfg,
+                                    teacher=dict(run_dir=os.path.abspath(FLAGS.tract_teacher_run_dir),
+                                                 checkpoint=os.path.basename(teacher_checkpoint)))
+    return arch, config
+
+
 def run():
     """Loads the teacher, builds the TRACT model from the flags and trains; returns the last metrics."""
     from cud_tf import data, training
@@ -121,11 +132,7 @@ def run():
         FLAGS.tract_teacher_run_dir, ("velocity", "teacher", "self_teacher"))
     net_cfg = nets["velocity"].config
     cfg = tract_config(net_cfg.num_classes)
-    arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
-                tract_steps_per_phase=cfg.steps_per_phase)
-    config = common.recorded_config("tract", net_cfg, objective=cfg,
-                                    teacher=dict(run_dir=os.path.abspath(FLAGS.tract_teacher_run_dir),
-                                                 checkpoint=os.path.basename(teacher_run.checkpoint)))
+    arch, config = run_records(cfg, net_cfg, teacher_run.checkpoint)
     with common.claimed_run_dir(arch, config, training.is_chief(strategy)):
         with strategy.scope():
             model = TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg, common.optim_config(),
