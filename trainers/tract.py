@@ -1,8 +1,9 @@
 """TRACT and binary time distillation of a trained velocity model: `python -m trainers.tract --flagfile=...`.
 
-Binary time distillation (progressive distillation) is TRACT with S = 2: `--tract_schedule=1024,512,...,1`
-(configs/btd_mnist.cfg). The student starts from the teacher run's EMA weights and takes its architecture;
-the network flags and --ema_decay are not used (the inference EMA decay follows the phase length).
+Binary time distillation (progressive distillation) is S = 2 (`--tract_schedule=1024,512,...,1`) with t at group
+tops only, both half-steps by the teacher and a fixed inference EMA: `--tract_offsets=tops
+--tract_second_step=teacher --tract_inference_ema=<decay>` (configs/btd_mnist.cfg). The student starts from the
+teacher run's EMA weights and takes its architecture; the network flags and --ema_decay are not used.
 """
 import os
 
@@ -37,6 +38,15 @@ def define_flags():
     t(d.DEFINE_float, "tract_ema_residual", dv(C, "ema_residual"), "The inference EMA decay is mu_I = "
       "residual^(1/steps_per_phase) (bias-corrected); it becomes the teacher at each phase boundary.",
       lower_bound=0.0, upper_bound=1.0)
+    t(d.DEFINE_string, "tract_inference_ema", "tract", "The inference EMA decay mu_I (bias-corrected; it becomes "
+      "the teacher at each phase boundary): 'tract' = --tract_ema_residual^(1/steps_per_phase), or a fixed decay "
+      "in [0, 1) (binary time distillation's reference: 0.9995).")
+    t(d.DEFINE_enum, "tract_offsets", dv(C, "offsets"), ["all", "tops"], "Offsets j of the drawn time t in its "
+      "group of S teacher steps: all (TRACT) or tops, j = 0 only (binary time distillation).")
+    t(d.DEFINE_enum, "tract_second_step", dv(C, "second_step"), ["self_teacher", "teacher"], "Who takes the step "
+      "from t_mid to the group end t': the self-teacher (TRACT) or the teacher (binary time distillation; S = 2).")
+    t(d.DEFINE_boolean, "tract_clip_x0", dv(C, "clip_x0"), "Teacher and self-teacher steps use the velocity "
+      "(x - clip(x0_hat, -1, 1)) / t of their data prediction x0_hat = x - t v clipped to the data range.")
 
 
 def schedule():
@@ -48,6 +58,21 @@ def schedule():
     except ValueError as e:
         raise flags.ValidationError(f"--tract_schedule: {e}") from None
     return steps
+
+
+def inference_ema_decay():
+    """--tract_inference_ema as TractConfig.inference_ema_decay: None for 'tract', else a decay in [0, 1)."""
+    value = FLAGS.tract_inference_ema.strip()
+    if value == "tract":
+        return None
+    try:
+        decay = float(value)
+    except ValueError:
+        decay = None
+    if decay is None or not 0.0 <= decay < 1.0:
+        raise flags.ValidationError(f"--tract_inference_ema={value!r}: expected 'tract' or a decay in [0, 1), "
+                                    "e.g. 0.9995")
+    return decay
 
 
 def tract_config(num_classes):
@@ -68,11 +93,26 @@ def tract_config(num_classes):
     if FLAGS.train_steps > total:
         raise flags.ValidationError(f"--train_steps={FLAGS.train_steps} goes past the schedule's end at step "
                                     f"{total} ({phases} phases of --tract_steps_per_phase={per_phase})")
-    return tract.TractConfig(
-        schedule=schedule(), steps_per_phase=per_phase, teacher_solver=FLAGS.tract_teacher_solver,
-        weight=FLAGS.tract_weight, head=FLAGS.sample_head, self_teacher_decay=FLAGS.tract_self_teacher_decay,
-        ema_residual=FLAGS.tract_ema_residual, label_dropout=FLAGS.label_dropout if num_classes else 0.0,
-        teacher_guidance=FLAGS.tract_teacher_guidance)
+    try:
+        return tract.TractConfig(
+            schedule=schedule(), steps_per_phase=per_phase, teacher_solver=FLAGS.tract_teacher_solver,
+            weight=FLAGS.tract_weight, head=FLAGS.sample_head, self_teacher_decay=FLAGS.tract_self_teacher_decay,
+            ema_residual=FLAGS.tract_ema_residual, inference_ema_decay=inference_ema_decay(),
+            offsets=FLAGS.tract_offsets, second_step=FLAGS.tract_second_step, clip_x0=FLAGS.tract_clip_x0,
+            label_dropout=FLAGS.label_dropout if num_classes else 0.0, teacher_guidance=FLAGS.tract_teacher_guidance)
+    except ValueError as e:  # e.g. --tract_second_step=teacher with a schedule that does not halve
+        raise flags.ValidationError(f"TRACT flags: {e}") from None
+
+
+def run_records(cfg, net_cfg, teacher_checkpoint):
+    """(arch, config) of the run directory: the schedule in arch.json, and in config.json the whole TractConfig
+    (offsets, second step, EMA decays, clipping, ...) and the teacher, which a resume must match."""
+    arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
+                tract_steps_per_phase=cfg.steps_per_phase)
+    config = common.recorded_config("tract", net_cfg, objective=cfg,
+                                    teacher=dict(run_dir=os.path.abspath(FLAGS.tract_teacher_run_dir),
+                                                 checkpoint=os.path.basename(teacher_checkpoint)))
+    return arch, config
 
 
 def run():
@@ -84,6 +124,7 @@ def run():
     if os.path.abspath(FLAGS.tract_teacher_run_dir) == os.path.abspath(FLAGS.run_dir):
         raise flags.ValidationError("--run_dir must differ from --tract_teacher_run_dir (the teacher stays intact)")
     schedule()
+    inference_ema_decay()
 
     # The student, the teacher and the self-teacher all start from the teacher run's EMA weights, dropout off
     # as in the TRACT reference code.
@@ -91,11 +132,7 @@ def run():
         FLAGS.tract_teacher_run_dir, ("velocity", "teacher", "self_teacher"))
     net_cfg = nets["velocity"].config
     cfg = tract_config(net_cfg.num_classes)
-    arch = dict(common.arch_dict(net_cfg, False), tract_schedule=list(cfg.schedule),
-                tract_steps_per_phase=cfg.steps_per_phase)
-    config = common.recorded_config("tract", net_cfg, objective=cfg,
-                                    teacher=dict(run_dir=os.path.abspath(FLAGS.tract_teacher_run_dir),
-                                                 checkpoint=os.path.basename(teacher_run.checkpoint)))
+    arch, config = run_records(cfg, net_cfg, teacher_run.checkpoint)
     with common.claimed_run_dir(arch, config, training.is_chief(strategy)):
         with strategy.scope():
             model = TractModel(nets["velocity"], nets["teacher"], nets["self_teacher"], cfg, common.optim_config(),
@@ -103,7 +140,9 @@ def run():
                                jit_compile=FLAGS.jit_compile)
         steps = " -> ".join(map(str, cfg.schedule))
         print(f"TRACT: {steps} sampler steps in {cfg.num_phases} phase(s) of {cfg.steps_per_phase} training "
-              f"steps; teacher {teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")
+              f"steps (offsets {cfg.offsets}, second step by the {cfg.second_step.replace('_', '-')}, inference "
+              f"EMA {cfg.inference_decay:.6g}{', x0 clipped' if cfg.clip_x0 else ''}); teacher "
+              f"{teacher_run.checkpoint}; stopping at step {FLAGS.train_steps} of {cfg.total_steps}")
         return training.train(
             model, strategy,
             lambda start: data.distribute(strategy, dcfg, FLAGS.global_batch_size, FLAGS.seed, start_batch=start),

@@ -26,8 +26,9 @@ def ema_rate(decay, k):
 class TractModel(DiffusionModel):
     """The student (`net`, trained), the teacher (frozen within a phase) and the self-teacher, for TRACT.
 
-    After every update: self-teacher <- EMA(mu_S) of the student, inference EMA <- EMA(mu_I) of the student,
-    both bias-corrected over the step count (as the TRACT reference code). The inference EMA lives in the
+    After every update: self-teacher <- EMA(mu_S) of the student (not with BTD's `second_step="teacher"`, which
+    never calls it), inference EMA <- EMA(mu_I) of the student, both bias-corrected over the step count (as the
+    TRACT and BTD reference code). The inference EMA lives in the
     optimizer's EMA slots (whose own momentum is set to 1, so Keras leaves them alone), which is where
     `sync_ema`, samples, checkpoints and `run_dir.load_run(weights="ema")` read EMA weights. At the first step of
     phase p > `self.phase` the teacher's weights become the inference EMA; `phase` is checkpointed, so a
@@ -71,13 +72,16 @@ class TractModel(DiffusionModel):
         tf.cond(p > self.phase, begin, lambda: None)
 
     def finish_step(self, applied):
-        """Bias-corrected EMAs of the student after update k = `self.step`: self-teacher and inference EMA
-        (also after a skipped update, as the reference: the count k goes on)."""
+        """Bias-corrected EMAs of the student after update k = `self.step`: self-teacher (unless the teacher takes
+        the second step, BTD) and inference EMA (mu_I fixed or from the phase length; `TractConfig.inference_decay`),
+        also after a skipped update, as the reference: the count k goes on."""
         del applied
         cfg = self.objective_cfg
         student = self.net.trainable_variables
-        for decay, averages in ((cfg.self_teacher_decay, self.self_teacher_variables),
-                                (cfg.inference_decay, self.inference_ema_variables)):
+        emas = [(cfg.inference_decay, self.inference_ema_variables)]
+        if cfg.uses_self_teacher:
+            emas.append((cfg.self_teacher_decay, self.self_teacher_variables))
+        for decay, averages in emas:
             rate = ema_rate(decay, self.step)
             for avg, theta in zip(averages, student, strict=True):
                 avg.assign(avg + rate * (theta - avg))

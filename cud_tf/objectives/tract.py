@@ -1,10 +1,12 @@
-"""TRACT: transitive-closure time distillation of a velocity teacher; binary time distillation is its S = 2 case.
+"""TRACT: transitive-closure time distillation of a velocity teacher, and binary time distillation as its options.
 
 Phase p distils T_p teacher steps into T_{p+1} student steps (docs/algorithms.md section 8). The phase is a function
 of the step, so one traced train step serves every phase; the teacher and self-teacher weights are swapped
-in by the model (`cud_tf.models.tract.TractModel`), never here.
+in by the model (`cud_tf.models.tract.TractModel`), never here. Binary time distillation (BTD) is S = 2 with
+`offsets="tops"`, `second_step="teacher"` and a fixed `inference_ema_decay` (docs/tract.md).
 """
 import dataclasses
+from typing import Optional
 
 import tensorflow as tf
 
@@ -14,6 +16,8 @@ from cud_tf.sampling import velocity_fn
 
 TEACHER_SOLVERS = ("euler", "heun")
 WEIGHTS = ("none", "truncated_snr")
+OFFSETS = ("all", "tops")  # j ~ U{0..S-1} (TRACT) | j = 0, the group's upper end only (BTD)
+SECOND_STEPS = ("self_teacher", "teacher")  # who takes the step from t_mid to t' (TRACT | BTD)
 
 
 def check_schedule(schedule):
@@ -37,6 +41,10 @@ class TractConfig:
     head: int = 1  # the head distilled (student) and evaluated (teacher, self-teacher)
     self_teacher_decay: float = 0.5  # mu_S
     ema_residual: float = 1e-3  # the inference EMA decay is mu_I = ema_residual^(1 / steps_per_phase)
+    inference_ema_decay: Optional[float] = None  # a fixed mu_I instead (BTD: 0.9995); None: the rule above
+    offsets: str = "all"  # all | tops: the offsets j drawn in a group (tops: j = 0 only, BTD)
+    second_step: str = "self_teacher"  # self_teacher | teacher: who jumps from t_mid to t' (teacher: BTD, S = 2)
+    clip_x0: bool = False  # teacher and self-teacher steps use the velocity of x0_hat clipped to [-1, 1]
     label_dropout: float = 0.0  # null-label probability for a class-conditional teacher
     teacher_guidance: float = 1.0  # classifier-free guidance of the original teacher (phase 0); 1 = unguided
     distance: str = "mse"
@@ -49,6 +57,18 @@ class TractConfig:
             raise ValueError(f"weight={self.weight!r}; expected one of {WEIGHTS}")
         if self.steps_per_phase < 1:
             raise ValueError(f"steps_per_phase={self.steps_per_phase} must be >= 1")
+        if self.offsets not in OFFSETS:
+            raise ValueError(f"offsets={self.offsets!r}; expected one of {OFFSETS}")
+        if self.second_step not in SECOND_STEPS:
+            raise ValueError(f"second_step={self.second_step!r}; expected one of {SECOND_STEPS}")
+        sizes = [a // b for a, b in zip(self.schedule, self.schedule[1:])]
+        if self.second_step == "teacher" and any(n != 2 for n in sizes):
+            raise ValueError(f"second_step='teacher' takes two teacher steps per student step, so every phase must "
+                             f"halve the step count (S = 2); schedule {tuple(self.schedule)} has S = {sizes}: "
+                             "use e.g. 1024,512,...,2,1 or second_step='self_teacher'")
+        d = self.inference_ema_decay
+        if d is not None and not 0.0 <= d < 1.0:
+            raise ValueError(f"inference_ema_decay={d} must be in [0, 1) (or None for ema_residual^(1/steps))")
 
     @property
     def num_phases(self) -> int:
@@ -60,8 +80,15 @@ class TractConfig:
 
     @property
     def inference_decay(self) -> float:
-        """mu_I = ema_residual^(1 / steps_per_phase): a phase's first step keeps weight ~ema_residual at its end."""
+        """mu_I: `inference_ema_decay` when set (BTD), else ema_residual^(1 / steps_per_phase) (TRACT: a phase's
+        first step keeps weight ~ema_residual at its end)."""
+        if self.inference_ema_decay is not None:
+            return self.inference_ema_decay
         return self.ema_residual ** (1.0 / self.steps_per_phase)
+
+    @property
+    def uses_self_teacher(self) -> bool:
+        return self.second_step == "self_teacher"
 
 
 def phase_of(step, cfg: TractConfig):
@@ -85,21 +112,52 @@ def group_times(k, j, t_p, t_next):
     return t, t_mid, t_prime, tf.cast(s - j, tf.float32) / tp
 
 
-def target_velocity(v_teacher, v_self, x_t, t, t_mid, t_prime, dt, last, solver="euler"):
+def target_velocity(v_teacher, v_self, x_t, t, t_mid, t_prime, dt, last, solver="euler", second_solver="euler"):
     """TRACT's two-stage target, as the velocity of one student Euler jump from t to t' (no gradient).
 
     1. x_mid = one `solver` step of the teacher from (x_t, t) to t_mid;
-    2. x_t' = x_mid - (t_mid - t') v_self(x_mid, t_mid), or x_mid itself where `last` (j = S - 1);
+    2. x_t' = one `second_solver` step of v_self from (x_mid, t_mid) to t' (Euler: x_mid - (t_mid - t') v_self),
+       or x_mid itself where `last` (j = S - 1). BTD passes the teacher as v_self (and its solver);
     3. v* = (x_t - x_t') / (t - t'), so that x_t - (t - t') v* = x_t'.
     v_teacher, v_self: velocity functions; x_t `[B,H,W,C]`; t, t_mid, t_prime, dt = t - t' `[B]`; last `[B]` bool.
     Returns (v*, x_t') `[B,H,W,C]`.
     """
     x_t = tf.stop_gradient(x_t)
     x_mid = solvers.rk_step(v_teacher, x_t, t, t - t_mid, solver)
-    x_jump = x_mid - interpolants.bcast(t_mid - t_prime, x_mid) * v_self(x_mid, t_mid)
+    x_jump = solvers.rk_step(v_self, x_mid, t_mid, t_mid - t_prime, second_solver)
     x_prime = tf.where(interpolants.bcast(last, x_mid), x_mid, x_jump)
     v_star = (x_t - x_prime) / interpolants.bcast(dt, x_t)
     return tf.stop_gradient(v_star), tf.stop_gradient(x_prime)
+
+
+def clipped_x0_velocity(v):
+    """`v(x, t)` with its data prediction clipped to the data range: the velocity of the straight path through
+    (x, t) and x0_c = clip(x0_hat, -1, 1), x0_hat = x - t v(x, t):
+
+        v_c = (x - x0_c) / t = v + (x0_hat - x0_c) / t      (t > 0; at t = 0, x0_hat = x and v_c = v).
+
+    An Euler step x - h v_c is then the DDIM step of the clipped prediction, (1 - t + h) x0_c + (t - h) z_c with
+    z_c = (x - (1 - t) x0_c) / t, and v_c = v wherever x0_hat already lies in [-1, 1].
+    x `[B,H,W,C]`, t `[B]`; returns `[B,H,W,C]`.
+    """
+    def v_c(x, t):
+        v_x = v(x, t)
+        tb = interpolants.bcast(t, x)
+        x0_hat = interpolants.x0_from_v(x_t=x, v=v_x, t=t)
+        correction = (x0_hat - tf.clip_by_value(x0_hat, -1.0, 1.0)) / tf.where(tb > 0, tb, 1.0)
+        return v_x + tf.where(tb > 0, correction, 0.0)
+
+    return v_c
+
+
+def draw_offsets(r, s, offsets):
+    """Offsets j `[B]` int32 in a group of S = `s` teacher steps: uniform in 0..S-1 ("all", TRACT), or 0, the
+    group's upper end ("tops", BTD). r: uniforms `[B]`."""
+    if offsets == "tops":
+        return tf.zeros_like(r, tf.int32)
+    if offsets == "all":
+        return _randint(r, s)
+    raise ValueError(f"unknown offsets {offsets!r}; expected one of {OFFSETS}")
 
 
 def loss_weight(t, kind):
@@ -120,7 +178,8 @@ def _randint(r, n):
 # Berthelot et al. 2023, "TRACT" (arXiv 2303.04248), sec. 3: w(t) ||v_phi(x_t, t) - sg(v*)||^2 (teacher + self-teacher).
 def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     """Per-example `[B]` TRACT loss of the student `nets.velocity` in group "velocity", with targets from
-    `nets.teacher` (one step) and `nets.extra["self_teacher"]` (the jump to the group end)."""
+    `nets.teacher` (one step) and `nets.extra["self_teacher"]` (the jump to the group end), or from the teacher
+    alone with `second_step="teacher"` (binary time distillation: Salimans & Ho 2022, arXiv 2202.00512)."""
     x0 = batch["image"]
     b = tf.shape(x0)[0]
     p = phase_of(step, cfg)
@@ -128,7 +187,7 @@ def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     t_p, t_next = schedule[p], schedule[p + 1]
     s = t_p // t_next
     k = _randint(rng.uniform("group", b), t_next)
-    j = _randint(rng.uniform("offset", b), s)
+    j = draw_offsets(rng.uniform("offset", b), s, cfg.offsets)
     t, t_mid, t_prime, dt = group_times(k, j, t_p, t_next)
     z = rng.normal("z", x0)  # the sampler's noise: a teacher's noise encoder is not used
     x_t = interpolants.x_t(x0=x0, z=z, t=t)
@@ -137,8 +196,14 @@ def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     # A guided teacher guides in phase 0 only: later teachers are students that already learnt the guided field.
     w = 1.0 if cfg.teacher_guidance == 1.0 else tf.where(p == 0, cfg.teacher_guidance, 1.0)
     v_teacher = velocity_fn(nets.teacher, cfg.head, y, guidance_scale=w)
-    v_self = velocity_fn(nets.extra["self_teacher"], cfg.head, y)
-    v_star, _ = target_velocity(v_teacher, v_self, x_t, t, t_mid, t_prime, dt, j == s - 1, cfg.teacher_solver)
+    if cfg.uses_self_teacher:
+        v_second, second_solver = velocity_fn(nets.extra["self_teacher"], cfg.head, y), "euler"
+    else:  # BTD: the teacher takes both half-steps, with its own solver
+        v_second, second_solver = v_teacher, cfg.teacher_solver
+    if cfg.clip_x0:
+        v_teacher, v_second = clipped_x0_velocity(v_teacher), clipped_x0_velocity(v_second)
+    v_star, _ = target_velocity(v_teacher, v_second, x_t, t, t_mid, t_prime, dt, j == s - 1, cfg.teacher_solver,
+                                second_solver)
 
     v = nets.velocity(x_t, t, y, training=True, head=cfg.head)
     err = distance(v, v_star, cfg.distance)
