@@ -185,8 +185,9 @@ def open_run(run_dir, *, arch: dict, config: dict, flags_text: str, definitions,
             raise RunError(f"{run_dir} was trained with other settings ({detail}); resume with "
                            f"--flagfile={flags_path} (changing only how long it runs or how it is logged), or "
                            "train into a new --run_dir")
-    if recorded_config is not None and recorded_config != config:
-        detail = ", ".join(f"{k}: {a} recorded vs {b} now" for k, (a, b) in _flat_diff(recorded_config, config))
+    differs = list(_flat_diff(recorded_config, config)) if recorded_config is not None else []
+    if differs:
+        detail = ", ".join(f"{k}: {a} recorded vs {b} now" for k, (a, b) in differs)
         raise RunError(f"{run_dir} was trained with another configuration ({detail}); resume with "
                        f"--flagfile={flags_path}, or train into a new --run_dir")
     if not chief:
@@ -207,9 +208,12 @@ def open_run(run_dir, *, arch: dict, config: dict, flags_text: str, definitions,
 
 
 def _flat_diff(old, new, prefix=""):
+    """(dotted key, (old, new)) of each difference between two configurations. A key that only `new` has is a
+    field added to cud-tf after `old` was recorded, not a difference: its flag, absent from the recorded flags.txt,
+    took its default, and open_run's flags comparison has already checked it."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            yield from _flat_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        for k in sorted(old):
+            yield from _flat_diff(old[k], new.get(k), f"{prefix}{k}.")
     elif old != new:
         yield prefix.rstrip("."), (old, new)
 

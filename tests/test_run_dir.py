@@ -63,9 +63,13 @@ def test_a_resume_must_match_the_recorded_settings_and_is_appended_to_the_histor
     with pytest.raises(run_dir.RunError, match="another architecture"):
         open_run(tmp_path, fv, arch={"channels": 16})
     assert (tmp_path / "flags.txt").read_text() == flags_now  # refused resumes write nothing
+    # A configuration field that a later cud-tf added (absent from the record) is no difference; a removed one is.
+    open_run(tmp_path, fv, config={"objective": {"order": 1, "added_later": "tops"}})
+    with pytest.raises(run_dir.RunError, match=r"another configuration \(objective.order: 1 recorded vs None now\)"):
+        open_run(tmp_path, fv, config={"objective": {}})
     assert {n: (tmp_path / n).read_text() for n in ("arch.json", "config.json")} == {
         n: recorded[n] for n in ("arch.json", "config.json")}
-    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 3
 
 
 def test_lock_is_exclusive_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
