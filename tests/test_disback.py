@@ -88,6 +88,57 @@ def tiny_nets(names, **overrides):
     return [first] + [clone_network(first, n) for n in names[1:]]
 
 
+def _perturbed(nets, scale=0.05):
+    """Random offsets on every weight (a different draw per network), so that heads and networks all differ."""
+    for i, net in enumerate(nets):
+        for j, v in enumerate(net.trainable_variables):
+            v.assign(v + scale * tf.random.stateless_normal(v.shape, [i + 11, j]))
+    return nets
+
+
+def _largest(grads):
+    """max |gradient| over a list that may hold None (a variable the loss never reads)."""
+    return max([float(tf.reduce_max(tf.abs(g))) for g in grads if g is not None] + [0.0])
+
+
+def test_both_stages_train_and_read_only_the_configured_head():
+    """A 2-head teacher distilled through head 2 (--sample_head=2): the generator's sample, the fake's RF fit, the
+    fake's velocity in g, the target and stage 1 all use head 2; head 1's output layers get no gradient and
+    changing them changes no loss."""
+    from cud_tf import interpolants
+    from cud_tf.objectives.common import Nets
+    gen, fake, target, deg, gen0 = _perturbed(tiny_nets(["velocity", "fake", "target", "degradation", "generator0"],
+                                                        num_heads=2))
+    cfg = objective.DisbackConfig(head=2)
+    batch = {"image": tf.zeros([4, 8, 8, 1]), "label": tf.zeros([4], tf.int32)}
+    rng = interpolants.Rng(interpolants.fold_seed(0, 5))
+    nets = Nets(velocity=gen, teacher=target, extra={"fake": fake})
+    deg_nets = Nets(velocity=deg, extra={"generator0": gen0})
+
+    def losses():
+        out = objective.loss(nets, batch, rng, 4, cfg)
+        return dict(generator=tf.reduce_sum(out.per_example["velocity"]), fake=tf.reduce_sum(out.per_example["fake"]),
+                    fake_only=tf.reduce_sum(objective.fake_loss(nets, batch, rng, 3, cfg).per_example["fake"]),
+                    degradation=tf.reduce_sum(objective.degradation_loss(deg_nets, batch, rng, 0, cfg)
+                                              .per_example["velocity"]))
+
+    with tf.GradientTape(persistent=True) as tape:
+        before = losses()
+    for name, net in (("generator", gen), ("fake", fake), ("fake_only", fake), ("degradation", deg)):
+        head1, head2 = (tape.gradient(before[name], net.heads[k].trainable_variables) for k in (0, 1))
+        assert _largest(head1) == 0.0, f"{name}: head 1 of {net.name} has a gradient"
+        assert _largest(head2) > 0.0, f"{name}: head 2 of {net.name} has no gradient"
+    assert _largest(tape.gradient(before["generator"], fake.trainable_variables)) == 0.0  # the fake score: no grad
+    # Head 1 of every network changes no loss (the fake score in g and the target included); head 2 of the
+    # fake does change the generator's loss (through its velocity in g).
+    _perturbed([fake.heads[0], target.heads[0], gen.heads[0], gen0.heads[0], deg.heads[0]], scale=0.5)
+    after = losses()
+    for name in before:
+        assert float(after[name]) == float(before[name]), name
+    _perturbed([fake.heads[1]], scale=0.5)
+    assert abs(float(losses()["generator"]) - float(before["generator"])) > 1e-6 * abs(float(before["generator"]))
+
+
 def test_path_nodes_are_ordered_loadable_and_verified(tmp_path):
     net, target = tiny_nets(["degradation", "target"])
     path = disback.DegradationPath(str(tmp_path / "path"))
