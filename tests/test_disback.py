@@ -10,7 +10,7 @@ from absl.testing import flagsaver
 
 from helpers import ROOT, read_checkpoint_weights, tiny_unet_config
 from cud_tf import disback_path as disback
-from cud_tf.models.base import OptimConfig, clone_network
+from cud_tf.models.base import OptimConfig, clone_network, ema_variables
 from cud_tf.models.disback import DisbackModel
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import disback as objective
@@ -202,6 +202,28 @@ def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path)
     # The generator's optimizer counted its own updates only.
     assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 2
     assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 6
+    # By default (eval_weights="generator") what samples, the evaluator and export read, the generator
+    # optimizer's EMA slots (ema_net after sync_ema), is the raw generator despite ema_decay=0.5.
+    model.sync_ema()
+    ema = ema_variables(model.optimizers_by_group["velocity"])
+    for raw, avg in zip(generator.trainable_variables, ema, strict=True):
+        np.testing.assert_array_equal(avg.numpy(), raw.numpy())
+    for shown, raw in zip(model.ema_net.get_weights(), generator.get_weights(), strict=True):
+        np.testing.assert_array_equal(shown, raw)
+
+
+def test_eval_weights_ema_keeps_the_generator_ema_decay():
+    """eval_weights="ema": the generator's EMA slots average with --ema_decay (the one-step stage's mechanism,
+    whose arithmetic tests/test_onestep.py checks); "generator" sets that momentum to 0; the fake's is untouched."""
+    nets = tiny_nets(["velocity", "fake", "target"])
+    cfg, optim = objective.DisbackConfig(), OptimConfig(ema_decay=0.5)
+    momenta = {}
+    for eval_weights in ("generator", "ema"):
+        model = DisbackModel(*nets, cfg, optim, global_batch_size=4, eval_weights=eval_weights)
+        momenta[eval_weights] = {g: float(o.ema_momentum) for g, o in model.optimizers_by_group.items()}
+    assert momenta == {"generator": {"velocity": 0.0, "fake": 0.5}, "ema": {"velocity": 0.5, "fake": 0.5}}
+    with pytest.raises(ValueError, match="eval_weights must be 'generator' or 'ema'"):
+        DisbackModel(*nets, cfg, optim, global_batch_size=4, eval_weights="student")
 
 
 @pytest.mark.parametrize("name", ["disback_mnist.cfg", "disback_cifar10.cfg"])
