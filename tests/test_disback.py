@@ -226,8 +226,9 @@ def test_eval_weights_ema_keeps_the_generator_ema_decay():
         DisbackModel(*nets, cfg, optim, global_batch_size=4, eval_weights="student")
 
 
-@pytest.mark.parametrize("name", ["disback_mnist.cfg", "disback_cifar10.cfg"])
-def test_flagfiles_parse(name):
+@pytest.mark.parametrize("name,ratio", [("disback_mnist.cfg", 5), ("disback_cifar10.cfg", 5),
+                                        ("disback_mnist_paper.cfg", 1)])
+def test_flagfiles_parse(name, ratio):
     with flagsaver.flagsaver():
         os.chdir(ROOT)
         FLAGS.unparse_flags()
@@ -236,7 +237,12 @@ def test_flagfiles_parse(name):
         assert schedule[0] == (0, FLAGS.disback_num_nodes - 1) and schedule[-1][1] == 0
         assert schedule[-1][0] < FLAGS.train_steps  # the teacher is the target for the last iterations
         cfg = disback_trainer.disback_config(num_classes=0)
-        assert cfg.fake_updates_per_generator == 5
+        assert cfg.fake_updates_per_generator == ratio
+        if name == "disback_mnist_paper.cfg":  # the paper's schedule: 5 nodes, longer on the nodes near the teacher
+            assert FLAGS.disback_num_nodes == 5 and FLAGS.disback_eval_weights == "generator"
+            lengths = [b[0] - a[0] for a, b in zip(schedule, schedule[1:])]
+            assert len(lengths) == 4 and lengths == sorted(lengths) and lengths[0] < lengths[-1]
+            assert FLAGS.learning_rate == FLAGS.disback_fake_learning_rate
 
 
 _DEFAULT_WEIGHTS = []
