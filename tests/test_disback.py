@@ -10,7 +10,7 @@ from absl.testing import flagsaver
 
 from helpers import ROOT, read_checkpoint_weights, tiny_unet_config
 from cud_tf import disback_path as disback
-from cud_tf.models.base import OptimConfig, clone_network
+from cud_tf.models.base import OptimConfig, clone_network, ema_variables
 from cud_tf.models.disback import DisbackModel
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import disback as objective
@@ -88,6 +88,57 @@ def tiny_nets(names, **overrides):
     return [first] + [clone_network(first, n) for n in names[1:]]
 
 
+def _perturbed(nets, scale=0.05):
+    """Random offsets on every weight (a different draw per network), so that heads and networks all differ."""
+    for i, net in enumerate(nets):
+        for j, v in enumerate(net.trainable_variables):
+            v.assign(v + scale * tf.random.stateless_normal(v.shape, [i + 11, j]))
+    return nets
+
+
+def _largest(grads):
+    """max |gradient| over a list that may hold None (a variable the loss never reads)."""
+    return max([float(tf.reduce_max(tf.abs(g))) for g in grads if g is not None] + [0.0])
+
+
+def test_both_stages_train_and_read_only_the_configured_head():
+    """A 2-head teacher distilled through head 2 (--sample_head=2): the generator's sample, the fake's RF fit, the
+    fake's velocity in g, the target and stage 1 all use head 2; head 1's output layers get no gradient and
+    changing them changes no loss."""
+    from cud_tf import interpolants
+    from cud_tf.objectives.common import Nets
+    gen, fake, target, deg, gen0 = _perturbed(tiny_nets(["velocity", "fake", "target", "degradation", "generator0"],
+                                                        num_heads=2))
+    cfg = objective.DisbackConfig(head=2)
+    batch = {"image": tf.zeros([4, 8, 8, 1]), "label": tf.zeros([4], tf.int32)}
+    rng = interpolants.Rng(interpolants.fold_seed(0, 5))
+    nets = Nets(velocity=gen, teacher=target, extra={"fake": fake})
+    deg_nets = Nets(velocity=deg, extra={"generator0": gen0})
+
+    def losses():
+        out = objective.loss(nets, batch, rng, 4, cfg)
+        return dict(generator=tf.reduce_sum(out.per_example["velocity"]), fake=tf.reduce_sum(out.per_example["fake"]),
+                    fake_only=tf.reduce_sum(objective.fake_loss(nets, batch, rng, 3, cfg).per_example["fake"]),
+                    degradation=tf.reduce_sum(objective.degradation_loss(deg_nets, batch, rng, 0, cfg)
+                                              .per_example["velocity"]))
+
+    with tf.GradientTape(persistent=True) as tape:
+        before = losses()
+    for name, net in (("generator", gen), ("fake", fake), ("fake_only", fake), ("degradation", deg)):
+        head1, head2 = (tape.gradient(before[name], net.heads[k].trainable_variables) for k in (0, 1))
+        assert _largest(head1) == 0.0, f"{name}: head 1 of {net.name} has a gradient"
+        assert _largest(head2) > 0.0, f"{name}: head 2 of {net.name} has no gradient"
+    assert _largest(tape.gradient(before["generator"], fake.trainable_variables)) == 0.0  # the fake score: no grad
+    # Head 1 of every network changes no loss (the fake score in g and the target included); head 2 of the
+    # fake does change the generator's loss (through its velocity in g).
+    _perturbed([fake.heads[0], target.heads[0], gen.heads[0], gen0.heads[0], deg.heads[0]], scale=0.5)
+    after = losses()
+    for name in before:
+        assert float(after[name]) == float(before[name]), name
+    _perturbed([fake.heads[1]], scale=0.5)
+    assert abs(float(losses()["generator"]) - float(before["generator"])) > 1e-6 * abs(float(before["generator"]))
+
+
 def test_path_nodes_are_ordered_loadable_and_verified(tmp_path):
     net, target = tiny_nets(["degradation", "target"])
     path = disback.DegradationPath(str(tmp_path / "path"))
@@ -151,10 +202,33 @@ def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path)
     # The generator's optimizer counted its own updates only.
     assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 2
     assert int(model.optimizers_by_group["fake"].iterations.numpy()) == 6
+    # By default (eval_weights="generator") what samples, the evaluator and export read, the generator
+    # optimizer's EMA slots (ema_net after sync_ema), is the raw generator despite ema_decay=0.5.
+    model.sync_ema()
+    ema = ema_variables(model.optimizers_by_group["velocity"])
+    for raw, avg in zip(generator.trainable_variables, ema, strict=True):
+        np.testing.assert_array_equal(avg.numpy(), raw.numpy())
+    for shown, raw in zip(model.ema_net.get_weights(), generator.get_weights(), strict=True):
+        np.testing.assert_array_equal(shown, raw)
 
 
-@pytest.mark.parametrize("name", ["disback_mnist.cfg", "disback_cifar10.cfg"])
-def test_flagfiles_parse(name):
+def test_eval_weights_ema_keeps_the_generator_ema_decay():
+    """eval_weights="ema": the generator's EMA slots average with --ema_decay (the one-step stage's mechanism,
+    whose arithmetic tests/test_onestep.py checks); "generator" sets that momentum to 0; the fake's is untouched."""
+    nets = tiny_nets(["velocity", "fake", "target"])
+    cfg, optim = objective.DisbackConfig(), OptimConfig(ema_decay=0.5)
+    momenta = {}
+    for eval_weights in ("generator", "ema"):
+        model = DisbackModel(*nets, cfg, optim, global_batch_size=4, eval_weights=eval_weights)
+        momenta[eval_weights] = {g: float(o.ema_momentum) for g, o in model.optimizers_by_group.items()}
+    assert momenta == {"generator": {"velocity": 0.0, "fake": 0.5}, "ema": {"velocity": 0.5, "fake": 0.5}}
+    with pytest.raises(ValueError, match="eval_weights must be 'generator' or 'ema'"):
+        DisbackModel(*nets, cfg, optim, global_batch_size=4, eval_weights="student")
+
+
+@pytest.mark.parametrize("name,ratio", [("disback_mnist.cfg", 5), ("disback_cifar10.cfg", 5),
+                                        ("disback_mnist_paper.cfg", 1)])
+def test_flagfiles_parse(name, ratio):
     with flagsaver.flagsaver():
         os.chdir(ROOT)
         FLAGS.unparse_flags()
@@ -163,7 +237,12 @@ def test_flagfiles_parse(name):
         assert schedule[0] == (0, FLAGS.disback_num_nodes - 1) and schedule[-1][1] == 0
         assert schedule[-1][0] < FLAGS.train_steps  # the teacher is the target for the last iterations
         cfg = disback_trainer.disback_config(num_classes=0)
-        assert cfg.fake_updates_per_generator == 5
+        assert cfg.fake_updates_per_generator == ratio
+        if name == "disback_mnist_paper.cfg":  # the paper's schedule: 5 nodes, longer on the nodes near the teacher
+            assert FLAGS.disback_num_nodes == 5 and FLAGS.disback_eval_weights == "generator"
+            lengths = [b[0] - a[0] for a, b in zip(schedule, schedule[1:])]
+            assert len(lengths) == 4 and lengths == sorted(lengths) and lengths[0] < lengths[-1]
+            assert FLAGS.learning_rate == FLAGS.disback_fake_learning_rate
 
 
 _DEFAULT_WEIGHTS = []

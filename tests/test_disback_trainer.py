@@ -61,19 +61,27 @@ def test_both_stages_end_to_end_with_resume_and_path_off(teacher_dir, mnist_data
     for a, (_, b) in zip(node0, disback.weight_items(teacher.net)):
         np.testing.assert_array_equal(a, b.numpy())
 
-    evaluated = run_dir_lib.load_run(run_dir)  # the evaluator's view: the generator's EMA weights
+    evaluated = run_dir_lib.load_run(run_dir)  # what trainers.evaluate and trainers.export read ("ema" slots)
     assert disback.fingerprint(evaluated.net) != disback.fingerprint(teacher.net)
+    # The default --disback_eval_weights=generator: those slots hold the raw generator, despite --ema_decay=0.99.
+    assert evaluated.run_config["eval_weights"] == "generator"
+    raw = run_dir_lib.load_run(run_dir, weights="train")
+    assert disback.fingerprint(evaluated.net) == disback.fingerprint(raw.net)
     samples = np.load(os.path.join(run_dir, "samples.npy"))
     assert samples.shape == (1, 2, 28, 28, 1) and np.isfinite(samples).all()
 
-    # Path off: no stage 1, the teacher is the target throughout.
+    # Path off: no stage 1, the teacher is the target throughout. Evaluated through the generator's EMA here:
+    # after two generator updates the EMA (decay 0.99) is no longer the raw generator.
     off_dir = str(tmp_path / "off")
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
         FLAGS(["trainers.disback", *tiny_disback_flags(teacher_dir, off_dir, mnist_data_dir), "--disback_path=off",
-               "--train_steps=2"])
+               "--train_steps=4", "--disback_eval_weights=ema"])
         disback_trainer.run(log=logs.append)
     assert not os.path.exists(os.path.join(off_dir, "degradation"))
+    off_ema, off_raw = (run_dir_lib.load_run(off_dir, weights=w) for w in ("ema", "train"))
+    assert off_ema.run_config["eval_weights"] == "ema"
+    assert disback.fingerprint(off_ema.net) != disback.fingerprint(off_raw.net)
     with open(os.path.join(off_dir, "target_switches.jsonl")) as f:
         assert [json.loads(line)["node"] for line in f] == [0]
 

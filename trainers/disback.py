@@ -9,6 +9,8 @@ skips stage 1: the teacher is the target from the start and the fake starts from
 distribution matching, the paper's ablation). Both stages resume: rerun the same command.
 The generator and fake take the teacher's architecture (the network flags are not used); --train_steps counts
 stage-2 iterations (fake updates; the generator is updated every --disback_fake_updates of them).
+Samples, `trainers.evaluate` and `trainers.export` read the raw generator (--disback_eval_weights=generator, the
+reference's choice) or its EMA (--disback_eval_weights=ema, with --ema_decay); config.json records which.
 """
 import dataclasses
 import os
@@ -43,6 +45,9 @@ def define_flags():
     t(d.DEFINE_float, "disback_guidance", dv(C, "guidance_scale"), "Classifier-free guidance scale w of the "
       "target (a class-conditional teacher; the generator learns the guided distribution); 1 = unguided.",
       lower_bound=0.0)
+    t(d.DEFINE_enum, "disback_eval_weights", "generator", ["generator", "ema"], "Weights that samples, evaluation "
+      "and export read: the raw generator (as the reference, which keeps no generator EMA), or its EMA with "
+      "--ema_decay.")
     t(d.DEFINE_float, "disback_fake_learning_rate", None, "Learning rate of the fake network (default: "
       "--learning_rate).", lower_bound=0.0)
 
@@ -92,6 +97,7 @@ def run(log=print):
     if FLAGS.disback_fake_learning_rate is not None:
         fake_optim = dataclasses.replace(fake_optim, learning_rate=FLAGS.disback_fake_learning_rate)
     config = common.recorded_config("disback", net_cfg, objective=cfg, fake_optim=fake_optim, schedule=schedule,
+                                    eval_weights=FLAGS.disback_eval_weights,
                                     teacher=dict(run_dir=os.path.abspath(FLAGS.disback_teacher_run_dir),
                                                  checkpoint=os.path.basename(teacher_run.checkpoint)))
     chief = training.is_chief(strategy)
@@ -114,7 +120,8 @@ def run(log=print):
         with strategy.scope():
             model = DisbackModel(nets["velocity"], nets["fake"], nets["target"], cfg, common.optim_config(),
                                  global_batch_size=FLAGS.global_batch_size, seed=FLAGS.seed,
-                                 fake_optim_cfg=fake_optim, jit_compile=FLAGS.jit_compile)
+                                 fake_optim_cfg=fake_optim, eval_weights=FLAGS.disback_eval_weights,
+                                 jit_compile=FLAGS.jit_compile)
         switch = disback_path.TargetSwitcher(model, path, schedule, FLAGS.train_steps,
                                              os.path.join(FLAGS.run_dir, "target_switches.jsonl"), chief, log)
         plan = ", ".join(f"s'_{node} from {first}" for first, node in schedule)

@@ -56,6 +56,15 @@ def make_optimizer(cfg: OptimConfig, use_ema=True, name=None):
                         beta_2=cfg.beta_2, use_ema=use_ema, ema_momentum=cfg.ema_decay, name=name)
 
 
+def evaluated_weights_config(cfg: OptimConfig, eval_weights: str, raw: str) -> OptimConfig:
+    """`cfg` for the group whose optimizer's EMA slots hold what samples, the evaluator, checkpoints' EMA weights
+    and export read: `eval_weights` = `raw` (the network's own weights: EMA momentum 0, so that Keras'
+    `ema = m ema + (1 - m) theta` is theta after every update) or "ema" (their EMA with `cfg.ema_decay`)."""
+    if eval_weights not in (raw, "ema"):
+        raise ValueError(f"eval_weights must be {raw!r} or 'ema', got {eval_weights!r}")
+    return dataclasses.replace(cfg, ema_decay=0.0) if eval_weights == raw else cfg
+
+
 def ema_variables(optimizer):
     """The EMA copies that Keras' optimizer keeps (`use_ema=True`), in the order of its variables. Keras'
     own SwapEMAWeights callback reads the same attribute."""

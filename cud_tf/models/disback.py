@@ -8,15 +8,22 @@ from typing import Optional
 
 import tensorflow as tf
 
-from cud_tf.models.base import DiffusionModel, OptimConfig
+from cud_tf.models.base import DiffusionModel, OptimConfig, evaluated_weights_config
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import disback
 from cud_tf.objectives.common import Nets
 
 
+EVAL_WEIGHTS = ("generator", "ema")
+
+
 class DisbackModel(DiffusionModel):
-    """The generator `net` (group "velocity", with the EMA that samples and exports read), the fake velocity
-    network (group "fake", updated every step) and the frozen target (the path node in use, `nets.teacher`).
+    """The generator `net` (group "velocity"), the fake velocity network (group "fake", updated every step) and
+    the frozen target (the path node in use, `nets.teacher`).
+
+    eval_weights picks what the generator optimizer's EMA slots hold, which is what samples, the evaluator,
+    checkpoints' "ema" weights and export read (`evaluated_weights_config`, as the one-step stage): "generator",
+    the raw generator (the reference keeps no generator EMA), or "ema", its EMA with `optim_cfg.ema_decay`.
 
     The generator is updated on steps k with (k + 1) % fake_updates_per_generator == 0 (the last step of each
     group, so that steps logged at multiples of the ratio show the generator's metrics); on the other steps a
@@ -25,12 +32,13 @@ class DisbackModel(DiffusionModel):
 
     def __init__(self, generator: VelocityUNet, fake: VelocityUNet, target: VelocityUNet, cfg: disback.DisbackConfig,
                  optim_cfg: OptimConfig, global_batch_size: int, seed: int = 0,
-                 fake_optim_cfg: Optional[OptimConfig] = None, **kw):
+                 fake_optim_cfg: Optional[OptimConfig] = None, eval_weights: str = "generator", **kw):
         groups = {"velocity": list(generator.trainable_variables), "fake": list(fake.trainable_variables)}
-        super().__init__(generator, disback.loss, cfg, optim_cfg, global_batch_size, seed=seed,
+        generator_optim = evaluated_weights_config(optim_cfg, eval_weights, raw=EVAL_WEIGHTS[0])
+        super().__init__(generator, disback.loss, cfg, generator_optim, global_batch_size, seed=seed,
                          extra_nets={"fake": fake, "target": target}, groups=groups,
-                         optim_cfgs={"velocity": optim_cfg, "fake": fake_optim_cfg or optim_cfg}, **kw)
-        self.fake, self.target = fake, target
+                         optim_cfgs={"velocity": generator_optim, "fake": fake_optim_cfg or optim_cfg}, **kw)
+        self.fake, self.target, self.eval_weights = fake, target, eval_weights
         target.trainable = False
         self.target_node = None  # host-side: the node whose weights the target holds
 

@@ -3,11 +3,9 @@
 Shao et al. 2023, "Catch-Up Distillation" (arXiv 2305.10769); in the authors' `train_distill_update.py` f_EMA
 starts as the CUD EMA weights and is updated after every optimizer step, f_EMA <- 0.9999 f_EMA + 0.0001 theta.
 """
-import dataclasses
-
 import tensorflow as tf
 
-from cud_tf.models.base import DiffusionModel, OptimConfig
+from cud_tf.models.base import DiffusionModel, OptimConfig, evaluated_weights_config
 from cud_tf.networks.unet import VelocityUNet
 from cud_tf.objectives import onestep
 
@@ -31,12 +29,9 @@ class OnestepModel(DiffusionModel):
     def __init__(self, net: VelocityUNet, f_ema: VelocityUNet, cfg: onestep.OnestepConfig, optim_cfg: OptimConfig,
                  global_batch_size: int, seed: int = 0, f_ema_decay: float = 0.9999,
                  eval_weights: str = "student", objective=onestep.loss, **kw):
-        if eval_weights not in EVAL_WEIGHTS:
-            raise ValueError(f"eval_weights must be one of {EVAL_WEIGHTS}, got {eval_weights!r}")
         if not 0.0 <= f_ema_decay <= 1.0:
             raise ValueError(f"the f_EMA decay must lie in [0, 1], got {f_ema_decay}")
-        if eval_weights == "student":
-            optim_cfg = dataclasses.replace(optim_cfg, ema_decay=0.0)
+        optim_cfg = evaluated_weights_config(optim_cfg, eval_weights, raw=EVAL_WEIGHTS[0])
         super().__init__(net, objective, cfg, optim_cfg, global_batch_size, seed=seed,
                          extra_nets={"f_ema": f_ema}, **kw)
         self.f_ema, self.f_ema_decay, self.eval_weights = f_ema, float(f_ema_decay), eval_weights
