@@ -68,11 +68,11 @@ def run():
     num_heads = FLAGS.cud_order if FLAGS.method == "cud" else 1
     if FLAGS.sample_head > num_heads:
         raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the network has {num_heads} head(s)")
-    strategy = training.setup_runtime(FLAGS.strategy, FLAGS.precision, FLAGS.global_batch_size)
     dcfg = common.data_config()
     shape = data.image_shape(dcfg)
     num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
     net_cfg = common.network_config(shape, num_heads=num_heads, num_classes=num_classes)
+    strategy = common.runtime(net_cfg)
     data.get_builder(dcfg)  # fails fast, with a message, when the data set is not prepared
     obj_cfg = objective_config(num_classes)
     arch = common.arch_dict(net_cfg, FLAGS.noise_encoder)
