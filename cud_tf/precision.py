@@ -103,8 +103,8 @@ def describe(choice: dict) -> str:
                   f"{choice['mixed_bfloat16_s'] * 1e3:.0f} ms)")
     hw = choice.get("hardware") or {}
     where = f"; {hw['device']}: {hw['flags']}" if hw else ""
-    return (f"--precision=auto: {choice['precision']}, {choice['source']}{timing}{where}; pass --precision to "
-            "choose")
+    hint = "" if choice.get("recorded") else "; pass --precision to choose"
+    return f"--precision=auto: {choice['precision']}, {choice['source']}{timing}{where}{hint}"
 
 
 def per_replica_batch(global_batch_size: int, num_replicas: int, image_shape) -> list:

@@ -144,7 +144,8 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch
         assert common.resolve_precision(tiny_unet_config(), 1, log=lines.append) == recorded
         assert FLAGS.precision == recorded
         open_run(run_dir)  # the resume's flags equal the recorded ones
-    assert lines[0].startswith(f"--precision=auto: {recorded}, recorded in {run_dir}")
+    assert lines == [f"--precision=auto: {recorded}, recorded in {run_dir} (a resumed run keeps the policy it "
+                     "started with)"]
 
 
 def test_a_resume_with_another_explicit_precision_is_refused(tmp_path):

@@ -270,7 +270,8 @@ def resolve_precision(net_cfg, num_replicas, log=print):
     from cud_tf import precision
     recorded = recorded_precision(FLAGS.run_dir)
     if recorded:
-        choice = dict(precision=recorded, source=f"recorded in {FLAGS.run_dir} (a resumed run keeps its policy)")
+        choice = dict(precision=recorded, recorded=True,
+                      source=f"recorded in {FLAGS.run_dir} (a resumed run keeps the policy it started with)")
     elif FLAGS.strategy == "multiworker" and _cluster_size() > 1:
         choice = dict(precision="float32", source="multi-worker default")
     elif FLAGS.strategy == "tpu":

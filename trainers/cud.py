@@ -72,10 +72,10 @@ def run():
     shape = data.image_shape(dcfg)
     num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
     net_cfg = common.network_config(shape, num_heads=num_heads, num_classes=num_classes)
-    strategy = common.runtime(net_cfg)
     data.get_builder(dcfg)  # fails fast, with a message, when the data set is not prepared
     obj_cfg = objective_config(num_classes)
     arch = common.arch_dict(net_cfg, FLAGS.noise_encoder)
+    strategy = common.runtime(net_cfg)  # resolves --precision=auto before the run is recorded
     config = common.recorded_config("cud", net_cfg, method=FLAGS.method, objective=obj_cfg,
                                     noise_encoder=FLAGS.noise_encoder)
     with common.claimed_run_dir(arch, config, training.is_chief(strategy)):
