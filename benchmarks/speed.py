@@ -41,6 +41,8 @@ def define_flags():
     flags.DEFINE_list("graph_methods", ["rf", "cud1"], "Also timed without XLA (the main rows follow --jit_compile).")
     flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Timed under float32 and mixed_bfloat16, each in graph mode "
                       "and with XLA.")
+    flags.DEFINE_boolean("precision_only", False, "Time only the --bf16_methods rows (float32 vs mixed_bfloat16, "
+                         "graph and XLA): what --precision=auto decides between.")
     flags.DEFINE_string("out", "", "Write the JSON here too.")
     flags.DEFINE_string("profile_dir", "", "Write a TF profiler trace of 3 RF steps of each network here "
                         "(TensorBoard's Profile tab with tensorboard-plugin-profile).")
@@ -221,6 +223,10 @@ def measure_network(flagfile, peaks, bench_flags):
     params = VelocityUNet(net_cfg).build_variables().count_params()
     result = dict(flagfile=flagfile, params=params, batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
                   train={}, train_graph={}, precision={})
+    if FLAGS.precision_only:
+        for name in FLAGS.bf16_methods:
+            result["precision"][name] = precision_rows(net_cfg, name, batch)
+        return result
     net = VelocityUNet(net_cfg).build_variables()
     fwd_graph = tf.function(lambda x: net(x, tf.fill([FLAGS.batch_size], 0.5), training=False, head=1))
     fwd = tf.function(fwd_graph.python_function, jit_compile=True)
@@ -291,11 +297,26 @@ def precision_rows(net_cfg, name, batch):
     return rows
 
 
+def precision_table(rows):
+    """Markdown lines of `precision_rows` results {method: rows}."""
+    lines = ["| step (img/s) | float32 graph | float32 XLA | mixed_bfloat16 graph | mixed_bfloat16 XLA | "
+             "bf16 best / fp32 best |", "|---|---|---|---|---|---|"]
+    for name, p in rows.items():
+        lines.append(f"| {name} | {p['float32']['graph']:.1f} | {p['float32']['xla']:.1f} | "
+                     f"{p['mixed_bfloat16']['graph']:.1f} | {p['mixed_bfloat16']['xla']:.1f} | "
+                     f"{p['bf16_speedup']:.2f}x |")
+    return lines
+
+
 def markdown(results, peaks):
     lines = [f"Matmul peak ({MATMUL_N}^3): fp32 {peaks['fp32']:.0f} GFLOP/s (TF {peaks['fp32_tf']:.0f}, numpy BLAS "
              f"{peaks['fp32_blas']:.0f}), bf16 (TF) {peaks['bf16']:.0f} GFLOP/s; CPU bf16 instructions: "
              f"{', '.join(cpu_bf16_support()) or 'none'}", ""]
     for r in results:
+        if "forward_img_per_s" not in r:  # --precision_only
+            lines += [f"**{r['flagfile']}** ({r['params']:,} parameters), batch {r['batch_size']}", "",
+                      *precision_table(r["precision"]), ""]
+            continue
         lines += [f"**{r['flagfile']}** ({r['params']:,} parameters), batch {r['batch_size']}, "
                   f"{'XLA' if r['jit_compile'] else 'graph mode'}; forward pass (XLA) "
                   f"{r['forward_img_per_s']:.0f} img/s; input pipeline alone {r['input_pipeline_img_per_s']:.0f} "
@@ -311,12 +332,7 @@ def markdown(results, peaks):
                 f"{t['fraction_of_fp32_peak']:.0%} | {t['img_per_s_at_fp32_peak']:.0f} | "
                 f"{'-' if graph is None else f'{graph:.1f}'} |")
         if r["precision"]:
-            lines += ["", "| step (img/s) | float32 graph | float32 XLA | mixed_bfloat16 graph | mixed_bfloat16 XLA | "
-                      "bf16 best / fp32 best |", "|---|---|---|---|---|---|"]
-            for name, p in r["precision"].items():
-                lines.append(f"| {name} | {p['float32']['graph']:.1f} | {p['float32']['xla']:.1f} | "
-                             f"{p['mixed_bfloat16']['graph']:.1f} | {p['mixed_bfloat16']['xla']:.1f} | "
-                             f"{p['bf16_speedup']:.2f}x |")
+            lines += ["", *precision_table(r["precision"])]
         if "rf_time_split" in r:
             split = r["rf_time_split"]
             lines += ["", f"RF step time: forward {split['forward']:.0%}, backward {split['backward']:.0%}, "
@@ -345,7 +361,8 @@ def main(argv):
     peaks = dict(fp32_tf=matmul_peak(tf.float32), fp32_blas=blas_peak(), bf16=matmul_peak(tf.bfloat16))
     peaks["fp32"] = max(peaks["fp32_tf"], peaks["fp32_blas"])
     bench_flags = {k: FLAGS[k].value for k in ("flagfiles", "batch_size", "steps", "warmup", "methods",
-                                               "graph_methods", "bf16_methods", "out", "profile_dir", "jit_compile")}
+                                               "graph_methods", "bf16_methods", "out", "profile_dir", "jit_compile",
+                                               "precision_only")}
     results = []
     for flagfile in bench_flags["flagfiles"]:
         results.append(measure_network(flagfile, peaks, bench_flags))
