@@ -9,8 +9,10 @@ For each flagfile's network (default: the quickstart net and the MNIST paper net
   from the network passes it makes (measured costs: one RF step, one forward pass of the batch);
 - FLOPs per step counted from the step's graph (TF profiler) and the achieved GFLOP/s as a fraction of the fp32
   and bf16 matmul peak measured in the same process;
-- sampling images/s at NFE 1 and 8, batch 1 and --batch_size; fp32 against mixed_bfloat16; the input pipeline
-  alone. Prints JSON and a markdown table.
+- sampling images/s at NFE 1 and 8, batch 1 and --batch_size; the input pipeline alone;
+- float32 against mixed_bfloat16 (--bf16_methods: the RF and CUD K = 1 steps by default), each in graph mode and
+  under XLA, beside the CPU's bf16 instructions (avx512_bf16, amx_bf16) or the GPU's compute capability: what
+  --precision=auto decides between (cud_tf.precision). Prints JSON and a markdown table.
 """
 import json
 import os
@@ -37,7 +39,10 @@ def define_flags():
     flags.DEFINE_list("methods", ["rf", "cud1", "cud2", "cud3", "rf+enc", "cud1+enc", "cud2+enc", "cud3+enc"],
                       "Train steps to time: rf or cudK, '+enc' with the noise encoder.")
     flags.DEFINE_list("graph_methods", ["rf", "cud1"], "Also timed without XLA (the main rows follow --jit_compile).")
-    flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Also timed under mixed_bfloat16.")
+    flags.DEFINE_list("bf16_methods", ["rf", "cud1"], "Timed under float32 and mixed_bfloat16, each in graph mode "
+                      "and with XLA.")
+    flags.DEFINE_boolean("precision_only", False, "Time only the --bf16_methods rows (float32 vs mixed_bfloat16, "
+                         "graph and XLA): what --precision=auto decides between.")
     flags.DEFINE_string("out", "", "Write the JSON here too.")
     flags.DEFINE_string("profile_dir", "", "Write a TF profiler trace of 3 RF steps of each network here "
                         "(TensorBoard's Profile tab with tensorboard-plugin-profile).")
@@ -84,12 +89,12 @@ def blas_peak():
 
 def cpu_bf16_support():
     """The CPU's bf16 instructions (avx512_bf16, amx_bf16) from /proc/cpuinfo; [] without them or off Linux."""
+    from cud_tf import precision
     try:
         with open("/proc/cpuinfo") as f:
-            words = set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
+            return precision.bf16_cpu_flags(f.read())
+    except OSError:
         return []
-    return sorted(words & {"avx512_bf16", "amx_bf16"})
 
 
 def graph_flops(concrete):
@@ -203,7 +208,6 @@ def input_pipeline_rate(dcfg):
 
 
 def measure_network(flagfile, peaks, bench_flags):
-    import keras
     import tensorflow as tf
     from cud_tf import data
     from cud_tf.networks.unet import VelocityUNet
@@ -218,7 +222,11 @@ def measure_network(flagfile, peaks, bench_flags):
     batch = {"image": rs, "label": tf.zeros([FLAGS.batch_size], tf.int32)}
     params = VelocityUNet(net_cfg).build_variables().count_params()
     result = dict(flagfile=flagfile, params=params, batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
-                  train={}, train_graph={}, train_bf16={})
+                  train={}, train_graph={}, precision={})
+    if FLAGS.precision_only:
+        for name in FLAGS.bf16_methods:
+            result["precision"][name] = precision_rows(net_cfg, name, batch)
+        return result
     net = VelocityUNet(net_cfg).build_variables()
     fwd_graph = tf.function(lambda x: net(x, tf.fill([FLAGS.batch_size], 0.5), training=False, head=1))
     fwd = tf.function(fwd_graph.python_function, jit_compile=True)
@@ -261,16 +269,43 @@ def measure_network(flagfile, peaks, bench_flags):
                                        update=(rf["seconds"] - fb) / rf["seconds"])
     for name in FLAGS.graph_methods:
         result["train_graph"][name] = time_train_step(net_cfg, name, batch, jit_compile=False)
-    if FLAGS.bf16_methods:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        try:
-            for name in FLAGS.bf16_methods:
-                result["train_bf16"][name] = time_train_step(net_cfg, name, batch, jit_compile=FLAGS.jit_compile)
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
+    for name in FLAGS.bf16_methods:
+        result["precision"][name] = precision_rows(net_cfg, name, batch)
     result["sampling_img_per_s"] = sampling_rates(net, shape)
     result["input_pipeline_img_per_s"] = input_pipeline_rate(dcfg)
     return result
+
+
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def precision_rows(net_cfg, name, batch):
+    """{policy: {"graph": img/s, "xla": img/s}} of method `name`'s train step, and "bf16_speedup": the best
+    mixed_bfloat16 mode's img/s over the best float32 mode's."""
+    import keras
+    rows = {}
+    try:
+        for policy in PRECISIONS:
+            keras.mixed_precision.set_global_policy(policy)
+            rows[policy] = {mode: time_train_step(net_cfg, name, batch, jit_compile=mode == "xla")["img_per_s"]
+                            for mode in ("graph", "xla")}
+            print(f"{name} {policy}: graph {rows[policy]['graph']:.1f}, XLA {rows[policy]['xla']:.1f} img/s",
+                  file=sys.stderr, flush=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rows["bf16_speedup"] = max(rows["mixed_bfloat16"].values()) / max(rows["float32"].values())
+    return rows
+
+
+def precision_table(rows):
+    """Markdown lines of `precision_rows` results {method: rows}."""
+    lines = ["| step (img/s) | float32 graph | float32 XLA | mixed_bfloat16 graph | mixed_bfloat16 XLA | "
+             "bf16 best / fp32 best |", "|---|---|---|---|---|---|"]
+    for name, p in rows.items():
+        lines.append(f"| {name} | {p['float32']['graph']:.1f} | {p['float32']['xla']:.1f} | "
+                     f"{p['mixed_bfloat16']['graph']:.1f} | {p['mixed_bfloat16']['xla']:.1f} | "
+                     f"{p['bf16_speedup']:.2f}x |")
+    return lines
 
 
 def markdown(results, peaks):
@@ -278,21 +313,26 @@ def markdown(results, peaks):
              f"{peaks['fp32_blas']:.0f}), bf16 (TF) {peaks['bf16']:.0f} GFLOP/s; CPU bf16 instructions: "
              f"{', '.join(cpu_bf16_support()) or 'none'}", ""]
     for r in results:
+        if "forward_img_per_s" not in r:  # --precision_only
+            lines += [f"**{r['flagfile']}** ({r['params']:,} parameters), batch {r['batch_size']}", "",
+                      *precision_table(r["precision"]), ""]
+            continue
         lines += [f"**{r['flagfile']}** ({r['params']:,} parameters), batch {r['batch_size']}, "
                   f"{'XLA' if r['jit_compile'] else 'graph mode'}; forward pass (XLA) "
                   f"{r['forward_img_per_s']:.0f} img/s; input pipeline alone {r['input_pipeline_img_per_s']:.0f} "
                   "img/s", "",
                   "| step | img/s | x RF time | ideal x | x RF FLOPs | GFLOP/s | of fp32 peak | img/s at peak | "
-                  "graph-mode img/s | bf16 img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "graph-mode img/s |", "|---|---|---|---|---|---|---|---|---|"]
         for name, t in r["train"].items():
             graph = r["train_graph"].get(name, {}).get("img_per_s")
-            bf16 = r["train_bf16"].get(name, {}).get("img_per_s")
             lines.append(
                 f"| {name} | {t['img_per_s']:.1f} | {t.get('ratio_to_rf', float('nan')):.2f} | "
                 f"{t.get('ideal_ratio_to_rf', float('nan')):.2f} | {t.get('flop_ratio_to_rf', float('nan')):.2f} | "
                 f"{t['gflops_per_s']:.0f} | "
                 f"{t['fraction_of_fp32_peak']:.0%} | {t['img_per_s_at_fp32_peak']:.0f} | "
-                f"{'-' if graph is None else f'{graph:.1f}'} | {'-' if bf16 is None else f'{bf16:.1f}'} |")
+                f"{'-' if graph is None else f'{graph:.1f}'} |")
+        if r["precision"]:
+            lines += ["", *precision_table(r["precision"])]
         if "rf_time_split" in r:
             split = r["rf_time_split"]
             lines += ["", f"RF step time: forward {split['forward']:.0%}, backward {split['backward']:.0%}, "
@@ -315,16 +355,20 @@ def main(argv):
     import tensorflow as tf
     for name in FLAGS.methods + FLAGS.graph_methods + FLAGS.bf16_methods:
         parse_method(name)
+    from cud_tf import precision
+    bf16_hardware = precision.bf16_hardware()
+    print(f"bf16 hardware: {bf16_hardware}", file=sys.stderr, flush=True)
     peaks = dict(fp32_tf=matmul_peak(tf.float32), fp32_blas=blas_peak(), bf16=matmul_peak(tf.bfloat16))
     peaks["fp32"] = max(peaks["fp32_tf"], peaks["fp32_blas"])
     bench_flags = {k: FLAGS[k].value for k in ("flagfiles", "batch_size", "steps", "warmup", "methods",
-                                               "graph_methods", "bf16_methods", "out", "profile_dir", "jit_compile")}
+                                               "graph_methods", "bf16_methods", "out", "profile_dir", "jit_compile",
+                                               "precision_only")}
     results = []
     for flagfile in bench_flags["flagfiles"]:
         results.append(measure_network(flagfile, peaks, bench_flags))
         report = dict(cpu_count=os.cpu_count(), tensorflow=tf.__version__,
                       onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"), cpu_bf16=cpu_bf16_support(),
-                      matmul_gflops=peaks, networks=results)
+                      bf16_hardware=bf16_hardware, matmul_gflops=peaks, networks=results)
         text = json.dumps(report, indent=1)
         if bench_flags["out"]:  # after every network, so that a long run keeps what it measured
             os.makedirs(os.path.dirname(os.path.abspath(bench_flags["out"])), exist_ok=True)

@@ -10,7 +10,9 @@ distance of their features to the real data's (`MetricConfig.kind`: "mnist_class
 distance on Keras' InceptionV3 that is not comparable with published FIDs) and, for class-conditional MNIST
 networks, how often the MNIST classifier assigns each sample the class it was asked for. Writes to `out_dir`
 (default RUN/eval): eval_<sampler>_head<k>.json, .md (table), .png (plot) and samples_<sampler>_head<k>[_w<w>].png
-(one row per NFE). Every distance is reported with the sample count it was measured on.
+(one row per NFE). Every distance is reported with the sample count it was measured on. With
+`EvalConfig.jit_compile=None` the sampler runs in graph mode or under XLA, whichever a timed one-step call finds
+faster (cached, `cud_tf.execution.choose_sampler_xla`); the JSON's "jit_compile" says which and why.
 """
 import dataclasses
 import json
@@ -20,6 +22,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from cud_tf import execution
 from cud_tf import run_dir as run_dir_lib
 from cud_tf import sampling, solvers, summaries
 from cud_tf.metrics import frechet, mnist_classifier
@@ -46,7 +49,7 @@ class EvalConfig:
     guidance_scales: tuple = (1.0,)  # classifier-free guidance scales (class-conditional runs only)
     seed: int = 0  # seed of the evaluation noise, the same for every NFE and run
     num_grid_images: int = 10  # images per row of the sample grids
-    jit_compile: bool = True  # compile the samplers with XLA
+    jit_compile: bool | None = None  # compile the samplers with XLA; None: whichever is faster (measured, cached)
     weights: str = "ema"  # "ema" or "train" weights of the run
     checkpoint: str | None = None  # a checkpoint prefix of the run (default: the latest)
 
@@ -272,12 +275,27 @@ def sample_and_score(loaded: run_dir_lib.LoadedRun, cfg: EvalConfig, metric, cla
         return tf.constant(np.arange(start, start + size) % netcfg.num_classes if conditional else np.zeros(size),
                            tf.int32)
 
-    for w in scales:
-        sig = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)]
+    sig = [tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)]
 
-        @tf.function(input_signature=sig, jit_compile=cfg.jit_compile)
-        def generate(z, num_steps, y, w=w):
+    def make_generate(jit, w):
+        @tf.function(input_signature=sig, jit_compile=jit)
+        def generate(z, num_steps, y):
             return sampling.generate(net, z, num_steps, method, head, y if conditional else None, w)
+        return generate
+
+    execution_info = dict(xla=cfg.jit_compile, source="flag")
+    for w in scales:
+        if execution_info["xla"] is None:  # measured once, on the first guidance scale and the first batch
+            b = min(bs, n)
+            generate, execution_info = execution.choose_sampler_xla(
+                lambda jit, w=w: make_generate(jit, w), (noise(seed, 0, b, shape), tf.constant(1), labels(0, b)),
+                net, method, extra=dict(head=head, guided=conditional and w != 1.0), log=log)
+            timing = (f" (one sampler step of {b} images: graph {execution_info['graph_s'] * 1e3:.0f} ms, XLA "
+                      f"{execution_info['xla_s'] * 1e3:.0f} ms)") if execution_info["source"] == "measured" else ""
+            log(f"--jit_compile unset: sampler XLA {'on' if execution_info['xla'] else 'off'}, "
+                f"{execution_info['source']}{timing}; pass --jit_compile or --nojit_compile to choose")
+        else:
+            generate = make_generate(bool(execution_info["xla"]), w)
 
         grid_rows = []
 
@@ -311,7 +329,7 @@ def sample_and_score(loaded: run_dir_lib.LoadedRun, cfg: EvalConfig, metric, cla
     result = dict(run_dir=os.path.abspath(loaded.run_dir), checkpoint=loaded.checkpoint, step=loaded.step,
                   weights=cfg.weights, metric=metric.name, metric_id=metric_id, feature_dim=metric.dim,
                   reference=getattr(metric, "reference_info", dict(n=metric.reference.n)), sampler=method, head=head,
-                  num_samples=n, eval_seed=seed, conditional=conditional, rows=rows,
+                  num_samples=n, eval_seed=seed, conditional=conditional, rows=rows, jit_compile=execution_info,
                   seconds=time.perf_counter() - t_total)
     if hasattr(metric, "info") and callable(metric.info):
         result["feature_extractor"] = metric.info()
@@ -451,7 +469,7 @@ class TrainingEvaluation:
         net = model.ema_net
         classes = net.config.num_classes
 
-        @tf.function(jit_compile=cfg.jit_compile)
+        @tf.function(jit_compile=bool(cfg.jit_compile))  # None (unmeasured here): graph mode
         def generate(z, num_steps, y):
             return sampling.generate(net, z, num_steps, cfg.sampler, cfg.head, y if classes else None)
 

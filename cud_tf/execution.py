@@ -6,6 +6,8 @@ quickstart network and 1.5x slower for the MNIST paper network; TRACT's step ran
 network, objective, per-replica batch, device and TensorFlow version, so that later runs pay nothing. Timing
 computes gradients only: no weight, optimizer slot or step changes, and the dropout RNG state is put back, so
 the training that follows does not depend on the measurement (beyond XLA's own random stream).
+`choose_sampler_xla` does the same for the evaluator's sampler (step kind "sample"): a one-step call of each
+compiled sampler on the evaluation batch, cached per network, sampler, batch, device, precision and TF version.
 """
 import hashlib
 import json
@@ -19,10 +21,32 @@ import tensorflow as tf
 from cud_tf import run_dir
 
 
-def cache_path():
-    """$CUD_TF_CACHE/xla_choice.json (default ~/.cache/cud_tf)."""
+def cache_path(name="xla_choice.json"):
+    """$CUD_TF_CACHE/<name> (default ~/.cache/cud_tf): the cache of measured choices."""
     root = os.environ.get("CUD_TF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cud_tf")
-    return os.path.join(root, "xla_choice.json")
+    return os.path.join(root, name)
+
+
+def digest(parts: dict) -> str:
+    """The cache key of a choice: sha256 (16 hex digits) of what decides the speed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(key, name="xla_choice.json"):
+    """The cached choice under `key` in cache file `name`, or None."""
+    return run_dir.read_json(cache_path(name), default={}).get(key)
+
+
+def store(key, choice: dict, name="xla_choice.json", log=print):
+    """Adds `choice` under `key` to cache file `name`; a cache that cannot be written costs a warning only."""
+    path = cache_path(name)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cache = run_dir.read_json(path, default={})  # another process may have added a key meanwhile
+        cache[key] = choice
+        run_dir.write_json(path, cache)
+    except OSError as e:
+        log(f"warning: cannot cache the measured choice in {path} ({e.strerror or e}); the next run measures again")
 
 
 def device_name() -> str:
@@ -46,7 +70,12 @@ def cache_key(model, batch_shape) -> str:
                  extra=sorted(model.extra_nets), objective=f"{model.objective.__module__}.{model.objective.__name__}",
                  config=run_dir.to_json(model.objective_cfg), batch=list(batch_shape), device=device_name(),
                  tensorflow=tf.__version__, precision=tf.keras.mixed_precision.global_policy().name)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(parts)
+
+
+def median_seconds(fn, steps, warmup):
+    """Median wall seconds of `fn()` (its tensors fetched) over `steps` calls after `warmup` calls."""
+    return _median_seconds(fn, steps, warmup)
 
 
 def _median_seconds(fn, steps, warmup):
@@ -66,11 +95,10 @@ def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log
     first = strategy.experimental_local_results(dist_batch)[0]
     batch_shape = tf.nest.flatten(first)[0].shape
     key = cache_key(model, batch_shape)
-    path = cache_path()
-    cache = run_dir.read_json(path, default={})
-    if key in cache:
-        model.xla = bool(cache[key]["xla"])
-        return dict(cache[key], source="cache", key=key)
+    hit = cached(key)
+    if hit is not None:
+        model.xla = bool(hit["xla"])
+        return dict(hit, source="cache", key=key)
     state = [(v, tf.identity(v)) for v in model.non_trainable_variables]  # dropout RNG state among them
     seconds = {}
     for xla in (False, True):
@@ -90,11 +118,29 @@ def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log
     choice = dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
                   device=device_name(), tensorflow=tf.__version__)
     model.xla = choice["xla"]
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        cache = run_dir.read_json(path, default={})  # another process may have added a key meanwhile
-        cache[key] = choice
-        run_dir.write_json(path, cache)
-    except OSError as e:
-        log(f"warning: cannot cache the XLA choice in {path} ({e.strerror or e}); the next run measures again")
+    store(key, choice, log=log)
     return dict(choice, source="measured", key=key)
+
+
+def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps: int = 2, warmup: int = 1,
+                       log=print):
+    """Graph mode or XLA for a sampler, by measurement or its cache (step kind "sample").
+
+    make_sampler(jit_compile: bool) -> a tf.function `f(*args)`; args: one call's arguments, e.g. (noise
+    `[B, H, W, C]`, a step count of 1, labels `[B]`); net: the VelocityUNet it samples; extra: other facts that
+    decide the speed (guidance, head). Returns (the faster tf.function, {"xla", "source": "cache" | "measured",
+    "graph_s", "xla_s", "key"}). Only the chosen function is built on a cache hit."""
+    batch_shape = tf.nest.flatten(args)[0].shape
+    parts = dict(kind="sample", network=run_dir.to_json(net.config), sampler=sampler, extra=run_dir.to_json(extra),
+                 batch=list(batch_shape), device=device_name(), tensorflow=tf.__version__,
+                 precision=tf.keras.mixed_precision.global_policy().name)
+    key = digest(parts)
+    hit = cached(key)
+    if hit is not None:
+        return make_sampler(bool(hit["xla"])), dict(hit, source="cache", key=key)
+    fns = {xla: make_sampler(xla) for xla in (False, True)}
+    seconds = {xla: _median_seconds(lambda fn=fn: fn(*args), steps, warmup) for xla, fn in fns.items()}
+    choice = dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
+                  device=device_name(), tensorflow=tf.__version__)
+    store(key, choice, log=log)
+    return fns[choice["xla"]], dict(choice, source="measured", key=key)

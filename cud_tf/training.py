@@ -65,6 +65,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 def setup_runtime(strategy_name: str, precision: str, global_batch_size: int) -> tf.distribute.Strategy:
     """What every trainer does before building networks: op determinism (exact resume), the Keras dtype policy,
     and the tf.distribute strategy, checked to split the global batch evenly. Returns the strategy."""
+    if precision == "auto":
+        raise ValueError("precision 'auto' is resolved before the runtime is set up: pass a Keras policy "
+                         "(cud_tf.precision.choose_precision picks one; trainers.common.runtime does both)")
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(precision)
     strategy = make_strategy(strategy_name)

@@ -56,8 +56,11 @@ def define_flags():
     define(d.DEFINE_integer, "seed", default(L, "seed"), "Base seed: same flags and seed give the same run.")
     define(d.DEFINE_enum, "strategy", "mirrored", ["mirrored", "multiworker", "tpu", "default"],
            "tf.distribute strategy (mirrored: all local GPUs, else the CPU; multiworker: from TF_CONFIG).")
-    define(d.DEFINE_enum, "precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
-           "Keras dtype policy of the networks.")
+    define(d.DEFINE_enum, "precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+           "Keras dtype policy of the networks. auto: mixed_bfloat16 where the hardware has bf16 (CPU flags "
+           "avx512_bf16/amx_bf16, GPU compute capability >= 8.0) and a timed forward and backward pass finds it "
+           "faster, else float32 (cached; cud_tf.precision); flags.txt records the resolved policy, which a "
+           "resumed run keeps.")
     define(d.DEFINE_boolean, "jit_compile", None, "Compile each replica's losses and gradients with XLA. Unset: "
            "graph mode or XLA, whichever a few timed steps find faster for this network, step and machine "
            "(cached; cud_tf.execution).")
@@ -248,15 +251,70 @@ def read_run_flags(path):
     return run_dir.parse_flags_file(os.path.join(path, run_dir.FLAGS_FILE), FLAGS, DEFINED)
 
 
+def recorded_precision(path):
+    """The --precision recorded in run directory `path`'s flags.txt (None: a new run, or none resolved)."""
+    from cud_tf import run_dir
+    if not path or not os.path.exists(os.path.join(path, run_dir.FLAGS_FILE)):
+        return None
+    value = run_dir.parse_flags_file(os.path.join(path, run_dir.FLAGS_FILE), FLAGS, ["precision"])["precision"]
+    return None if value == "auto" else value
+
+
+def resolve_precision(net_cfg, num_replicas, log=print):
+    """Replaces --precision=auto by a Keras policy, so that flags.txt and config.json record what ran: the
+    recorded one of a resumed run; float32 across several workers (each would measure on its own);
+    mixed_bfloat16 on TPUs; else the faster on this machine (cud_tf.precision.choose_precision). One log line.
+    Returns the policy name."""
+    if FLAGS.precision != "auto":
+        return FLAGS.precision
+    from cud_tf import precision
+    recorded = recorded_precision(FLAGS.run_dir)
+    if recorded:
+        choice = dict(precision=recorded, recorded=True,
+                      source=f"recorded in {FLAGS.run_dir} (a resumed run keeps the policy it started with)")
+    elif FLAGS.strategy == "multiworker" and _cluster_size() > 1:
+        choice = dict(precision="float32", source="multi-worker default")
+    elif FLAGS.strategy == "tpu":
+        choice = dict(precision="mixed_bfloat16", source="TPU default (bf16 matrix units)")
+    else:
+        batch = precision.per_replica_batch(FLAGS.global_batch_size, num_replicas, net_cfg.image_shape)
+        choice = precision.choose_precision(net_cfg, batch, log=log)
+    FLAGS.precision = choice["precision"]
+    log(precision.describe(choice))
+    return FLAGS.precision
+
+
+def _cluster_size():
+    import json
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        return sum(len(tasks) for tasks in cluster.values())
+    except (ValueError, AttributeError, TypeError):
+        return 1
+
+
+def runtime(net_cfg, log=print):
+    """cud_tf.training.setup_runtime from the flags, with --precision=auto resolved (`resolve_precision`) for
+    network `net_cfg`. Returns the strategy."""
+    import keras
+    from cud_tf import training
+    auto = FLAGS.precision == "auto"
+    strategy = training.setup_runtime(FLAGS.strategy, "float32" if auto else FLAGS.precision,
+                                      FLAGS.global_batch_size)
+    if auto:
+        keras.mixed_precision.set_global_policy(resolve_precision(net_cfg, strategy.num_replicas_in_sync, log))
+    return strategy
+
+
 def load_distillation_teacher(teacher_run_dir, names):
     """What TRACT and DisBack share before training: the runtime (cud_tf.training.setup_runtime) and networks
     `names` holding the teacher run's EMA weights with dropout off (it holds no weights, so the architecture
     stays the teacher's), checked against the data set and --sample_head.
 
     Returns (strategy, {name: VelocityUNet}, run_dir.LoadedRun, DataConfig, image shape)."""
-    from cud_tf import data, run_dir, training
+    from cud_tf import data, run_dir
 
-    strategy = training.setup_runtime(FLAGS.strategy, FLAGS.precision, FLAGS.global_batch_size)
+    strategy = runtime(dataclasses.replace(run_dir.read_arch(teacher_run_dir)[0], dropout=0.0))
     nets, teacher_run = run_dir.load_teacher(teacher_run_dir, strategy, names, dropout=0.0)
     net_cfg = teacher_run.config
     dcfg = data_config()

@@ -68,7 +68,6 @@ def run():
     num_heads = FLAGS.cud_order if FLAGS.method == "cud" else 1
     if FLAGS.sample_head > num_heads:
         raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the network has {num_heads} head(s)")
-    strategy = training.setup_runtime(FLAGS.strategy, FLAGS.precision, FLAGS.global_batch_size)
     dcfg = common.data_config()
     shape = data.image_shape(dcfg)
     num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
@@ -76,6 +75,7 @@ def run():
     data.get_builder(dcfg)  # fails fast, with a message, when the data set is not prepared
     obj_cfg = objective_config(num_classes)
     arch = common.arch_dict(net_cfg, FLAGS.noise_encoder)
+    strategy = common.runtime(net_cfg)  # resolves --precision=auto before the run is recorded
     config = common.recorded_config("cud", net_cfg, method=FLAGS.method, objective=obj_cfg,
                                     noise_encoder=FLAGS.noise_encoder)
     with common.claimed_run_dir(arch, config, training.is_chief(strategy)):

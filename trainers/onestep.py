@@ -71,7 +71,7 @@ def run(log=print):
     for name, head in (("onestep_head", FLAGS.onestep_head), ("onestep_trajectory_head", traj_head)):
         if head > cfg.num_heads:
             raise flags.ValidationError(f"--{name}={head} but {FLAGS.init_run_dir} has {cfg.num_heads} head(s)")
-    strategy = training.setup_runtime(FLAGS.strategy, FLAGS.precision, FLAGS.global_batch_size)
+    strategy = common.runtime(cfg, log)
     objective = OnestepConfig(reg_weight=FLAGS.onestep_reg_weight, head=FLAGS.onestep_head)
     arch = common.arch_dict(cfg, encoder=False)
     config = dict(common.recorded_config(  # the data set is the teacher's: the evaluator compares with it

@@ -1,0 +1,129 @@
+"""The evaluator's sampler runs in graph mode or under XLA by measurement (--jit_compile unset), cached and
+recorded in the result; an explicit --jit_compile / --nojit_compile wins without timing anything."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from helpers import parse, tiny_unet_config
+from cud_tf import evaluation, execution
+from cud_tf import run_dir as run_dir_lib
+from cud_tf.metrics import frechet
+from cud_tf.networks.unet import VelocityUNet
+from trainers import evaluate
+
+FLAGS = flags.FLAGS
+evaluate.define_flags()
+
+
+class MeanFeatures:
+    """A 2-d stand-in metric: per-image mean and standard deviation, against a standard reference."""
+
+    name, dim = "stub distance", 2
+    reference = frechet.Gaussian(np.zeros(2), np.eye(2), 100)
+
+    def features(self, x):
+        return tf.stack([tf.reduce_mean(x, [1, 2, 3]), tf.math.reduce_std(x, [1, 2, 3])], axis=1)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    tf.keras.utils.set_random_seed(0)
+    cfg = tiny_unet_config()
+    net = VelocityUNet(cfg).build_variables()
+    return run_dir_lib.LoadedRun(run_dir=str(tmp_path_factory.mktemp("sample")), net=net, config=cfg, run_config={},
+                                 step=0, checkpoint="none")
+
+
+def sample(loaded, jit_compile, lines):
+    cfg = evaluation.EvalConfig(nfes=(1, 2), num_samples=6, batch_size=4, num_grid_images=2, jit_compile=jit_compile)
+    return evaluation.sample_and_score(loaded, cfg, MeanFeatures(), log=lines.append)[0]
+
+
+@pytest.fixture
+def no_sampling(monkeypatch, tmp_path):
+    """A private cache, and scoring that never runs the sampler (an XLA compilation of it takes a minute on 2
+    busy cores; the sampling itself is covered by test_evaluate)."""
+    monkeypatch.setenv("CUD_TF_CACHE", str(tmp_path))
+    monkeypatch.setattr(evaluation, "score", lambda *a, **k: (1.0, None, np.zeros([2, 8, 8, 1], np.float32)))
+
+
+def timings(monkeypatch, *seconds):
+    """Stands in for the timer: graph mode, then XLA, take `seconds`; records the functions it was given."""
+    given = []
+
+    def fake(fn, steps, warmup):
+        given.append(fn)
+        return seconds[len(given) - 1]
+
+    monkeypatch.setattr(execution, "_median_seconds", fake)
+    return given
+
+
+@pytest.mark.parametrize("graph_s,xla_s", [(2.0, 1.0), (1.0, 2.0)])
+def test_unset_jit_compile_is_measured_once_then_read_from_the_cache(loaded, no_sampling, monkeypatch, graph_s,
+                                                                     xla_s):
+    timed = timings(monkeypatch, graph_s, xla_s)
+    lines = []
+    result = sample(loaded, None, lines)
+    choice = result["jit_compile"]
+    assert len(timed) == 2 and choice["source"] == "measured" and choice["xla"] == (xla_s < graph_s)
+    assert (choice["graph_s"], choice["xla_s"]) == (graph_s, xla_s)
+    assert json.loads(json.dumps(result))["jit_compile"]["xla"] == choice["xla"]  # recorded in the JSON
+    assert list(json.load(open(execution.cache_path()))) == [choice["key"]]
+    assert [line for line in lines if line.startswith("--jit_compile unset: sampler XLA ")] == [
+        f"--jit_compile unset: sampler XLA {'on' if xla_s < graph_s else 'off'}, measured (one sampler step of 4 "
+        f"images: graph {graph_s * 1e3:.0f} ms, XLA {xla_s * 1e3:.0f} ms); pass --jit_compile or --nojit_compile "
+        "to choose"]
+
+    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("measured again"))
+    again = sample(loaded, None, [])
+    assert again["jit_compile"]["source"] == "cache" and again["jit_compile"]["xla"] == choice["xla"]
+    assert again["jit_compile"]["key"] == choice["key"]
+
+
+def test_the_sample_step_kind_has_its_own_key(loaded, no_sampling, monkeypatch):
+    """Another sampler or batch is measured again (it runs another computation)."""
+    timed = timings(monkeypatch, 1.0, 2.0, 1.0, 2.0)
+    first = sample(loaded, None, [])["jit_compile"]
+    cfg = evaluation.EvalConfig(nfes=(2,), num_samples=6, batch_size=4, sampler="heun", jit_compile=None)
+    second = evaluation.sample_and_score(loaded, cfg, MeanFeatures(), log=lambda _: None)[0]["jit_compile"]
+    assert len(timed) == 4 and second["source"] == "measured" and second["key"] != first["key"]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_an_explicit_jit_compile_wins_over_the_cache_without_timing(loaded, no_sampling, monkeypatch, jit):
+    timings(monkeypatch, 2.0, 1.0) if not jit else timings(monkeypatch, 1.0, 2.0)
+    assert sample(loaded, None, [])["jit_compile"]["xla"] == (not jit)  # the cache now says the opposite
+    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("timed despite the flag"))
+    lines = []
+    result = sample(loaded, jit, lines)
+    assert result["jit_compile"] == dict(xla=jit, source="flag")
+    assert not any("--jit_compile unset" in line for line in lines)
+
+
+def test_the_sampler_choice_times_both_compiled_samplers(loaded, tmp_path, monkeypatch):
+    """The real timer on a graph-mode-only stand-in: both functions are built, called, and the faster kept."""
+    monkeypatch.setenv("CUD_TF_CACHE", str(tmp_path))
+    built = []
+
+    def make(jit):
+        built.append(jit)
+        return tf.function(lambda z: z * (2.0 if jit else 1.0))
+
+    fn, choice = execution.choose_sampler_xla(make, (tf.ones([2, 8, 8, 1]),), loaded.net, "euler", steps=1)
+    assert built == [False, True] and choice["source"] == "measured"
+    assert float(fn(tf.ones([2, 8, 8, 1]))[0, 0, 0, 0]) == (2.0 if choice["xla"] else 1.0)
+    fn, cached = execution.choose_sampler_xla(make, (tf.ones([2, 8, 8, 1]),), loaded.net, "euler")
+    assert cached["source"] == "cache" and built == [False, True, choice["xla"]]
+
+
+def test_evaluate_flag_defaults_to_measured():
+    with flagsaver.flagsaver():
+        parse("--run_dir=r", prog="trainers.evaluate")
+        assert FLAGS.jit_compile is None and evaluate.eval_config().jit_compile is None
+        parse("--run_dir=r", "--nojit_compile", prog="trainers.evaluate")
+        assert evaluate.eval_config().jit_compile is False
