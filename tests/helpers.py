@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # U-Net level, so that each traced step has few ops (tracing, not compute, is what a tiny run spends its time on).
 TINY = ["--channels=8", "--channel_mult=1", "--num_res_blocks=1", "--global_batch_size=8",
         "--checkpoint_every=3", "--log_every=2", "--sample_nfes=1,2", "--num_sample_images=3", "--noprogress",
-        "--nojit_compile", "--strategy=default"]
+        "--nojit_compile", "--strategy=default", "--precision=float32"]
 
 
 def tiny_unet_config(**overrides):

@@ -45,7 +45,7 @@ def test_conditional_mnist_samples_have_the_requested_class(mnist_data_dir, clas
               "--num_classes=-1", "--label_dropout=0.1", "--channels=16", "--channel_mult=1,2",
               "--global_batch_size=32", "--train_steps=300", "--warmup_steps=20", "--ema_decay=0.98",
               "--checkpoint_every=300", "--log_every=100", "--sample_nfes=8", "--num_sample_images=4",
-              "--noprogress", "--strategy=default", "--jit_compile")
+              "--noprogress", "--strategy=default", "--jit_compile", "--precision=float32")
         cud_trainer.run()
     with flagsaver.flagsaver():
         parse(f"--run_dir={run_dir}", "--nfe=8", "--num_samples=200", "--eval_batch_size=100",

@@ -24,6 +24,7 @@ def teacher_dir(tiny_cud_run):
 def tiny_disback_flags(teacher, run_dir, data_dir):
     return [f"--flagfile={ROOT}/configs/disback_mnist.cfg", f"--disback_teacher_run_dir={teacher}",
             f"--run_dir={run_dir}", "--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default",
+            "--precision=float32",
             "--sample_nfes=1", "--num_sample_images=2", f"--data_dir={data_dir}", "--disback_fake_updates=2"]
 
 

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cud_trainer.define_flags()
 TINY = ["--channels=8", "--channel_mult=1", "--num_res_blocks=1", "--global_batch_size=8", "--sample_nfes=1",
         "--num_sample_images=2", "--noprogress", "--nojit_compile", "--nomid_attention", "--strategy=default",
-        "--log_every=100"]
+        "--precision=float32", "--log_every=100"]
 B = 8
 
 

@@ -11,6 +11,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--channels=8", "--channel_mult=1", "--num_res_blocks=1", "--global_batch_size=8", "--sample_nfes=1",
         "--num_sample_images=2", "--noprogress", "--nojit_compile", "--nomid_attention", "--log_every=2",
+        "--precision=float32",
         "--dropout=0.2"]
 
 

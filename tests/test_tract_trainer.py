@@ -32,8 +32,8 @@ def checkpoint_values(run_dir, step):
 
 def test_end_to_end_two_phases_resume_mid_phase(tiny_cud_run, mnist_data_dir, tmp_path):
     teacher_dir, run_dir = tiny_cud_run["run_dir"], str(tmp_path / "tract")  # the teacher: CUD K=2
-    tiny = ["--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default", "--sample_nfes=1,2",
-            "--num_sample_images=3", f"--data_dir={mnist_data_dir}"]
+    tiny = ["--global_batch_size=8", "--noprogress", "--nojit_compile", "--strategy=default", "--precision=float32",
+            "--sample_nfes=1,2", "--num_sample_images=3", f"--data_dir={mnist_data_dir}"]
 
     base = [f"--flagfile={ROOT}/configs/tract_mnist.cfg", f"--run_dir={run_dir}",
             f"--tract_teacher_run_dir={teacher_dir}", "--tract_schedule=4,2,1", "--tract_steps_per_phase=3",
