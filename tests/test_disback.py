@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from helpers import ROOT, read_checkpoint_weights, tiny_unet_config
+from helpers import ROOT, read_checkpoint_weights, tiny
 from cud_tf import disback_path as disback
 from cud_tf.models.base import OptimConfig, clone_network, ema_variables
 from cud_tf.models.disback import DisbackModel
@@ -83,7 +83,7 @@ def test_node_schedule_walks_back_to_the_teacher():
 
 
 def tiny_nets(names, **overrides):
-    cfg = tiny_unet_config(**overrides)
+    cfg = tiny(**overrides)
     first = VelocityUNet(cfg, name=names[0]).build_variables()
     return [first] + [clone_network(first, n) for n in names[1:]]
 
@@ -166,7 +166,7 @@ def test_path_nodes_are_ordered_loadable_and_verified(tmp_path):
         json.dump(manifest, f)
     with pytest.raises(disback.PathError, match="differ"):
         path.load_node(1, target)
-    other = VelocityUNet(tiny_unet_config(base_channels=4), name="other").build_variables()
+    other = VelocityUNet(tiny(base_channels=4), name="other").build_variables()
     with pytest.raises(disback.PathError, match="cannot read"):
         path.load_node(0, other)
 

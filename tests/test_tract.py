@@ -7,7 +7,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from helpers import ROOT, tiny_unet_config
+from helpers import ROOT, tiny, tiny_unet_config
 from cud_tf.models import tract as tract_model
 from cud_tf.models.base import OptimConfig, copy_weights
 from cud_tf.networks.unet import VelocityUNet
@@ -117,7 +117,7 @@ def test_guided_teacher_guides_the_first_phase_only():
     from cud_tf import interpolants
     from cud_tf.objectives import Nets
     tf.keras.utils.set_random_seed(3)
-    net_cfg = tiny_unet_config(num_classes=3)
+    net_cfg = tiny(num_classes=3)
     teacher, student, self_teacher = (VelocityUNet(net_cfg).build_variables() for _ in range(3))
     for w in teacher.trainable_variables:  # zero-initialised branches would make every label alike
         w.assign(w + tf.random.normal(w.shape, stddev=0.1, seed=2))
@@ -141,7 +141,7 @@ def test_phase_switch_assigns_the_inference_ema_to_the_teacher_without_retracing
         return tract.loss(*args)
 
     cfg = tract.TractConfig(schedule=(4, 2, 1), steps_per_phase=2, ema_residual=0.5)
-    net_cfg = tiny_unet_config()
+    net_cfg = tiny()
     tf.keras.utils.set_random_seed(0)
     nets = [VelocityUNet(net_cfg, name=n).build_variables() for n in ("velocity", "teacher", "self_teacher")]
     for n in nets[1:]:
