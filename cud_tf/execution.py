@@ -75,10 +75,6 @@ def cache_key(model, batch_shape) -> str:
 
 def median_seconds(fn, steps, warmup):
     """Median wall seconds of `fn()` (its tensors fetched) over `steps` calls after `warmup` calls."""
-    return _median_seconds(fn, steps, warmup)
-
-
-def _median_seconds(fn, steps, warmup):
     for _ in range(warmup):
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
     times = []
@@ -87,6 +83,12 @@ def _median_seconds(fn, steps, warmup):
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def _measured_choice(seconds):
+    """The cached record of a measurement {xla: seconds}: the faster mode, both timings, device and TF."""
+    return dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
+                device=device_name(), tensorflow=tf.__version__)
 
 
 def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log=print) -> dict:
@@ -112,11 +114,10 @@ def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log
                                ctx.num_replicas_in_sync)[0]
             return strategy.run(replica, args=(batch,))
 
-        seconds[xla] = _median_seconds(lambda: losses_and_grads(dist_batch), steps, warmup)
+        seconds[xla] = median_seconds(lambda: losses_and_grads(dist_batch), steps, warmup)
     for v, value in state:
         v.assign(value)
-    choice = dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
-                  device=device_name(), tensorflow=tf.__version__)
+    choice = _measured_choice(seconds)
     model.xla = choice["xla"]
     store(key, choice, log=log)
     return dict(choice, source="measured", key=key)
@@ -139,8 +140,7 @@ def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps:
     if hit is not None:
         return make_sampler(bool(hit["xla"])), dict(hit, source="cache", key=key)
     fns = {xla: make_sampler(xla) for xla in (False, True)}
-    seconds = {xla: _median_seconds(lambda fn=fn: fn(*args), steps, warmup) for xla, fn in fns.items()}
-    choice = dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
-                  device=device_name(), tensorflow=tf.__version__)
+    seconds = {xla: median_seconds(lambda fn=fn: fn(*args), steps, warmup) for xla, fn in fns.items()}
+    choice = _measured_choice(seconds)
     store(key, choice, log=log)
     return fns[choice["xla"]], dict(choice, source="measured", key=key)

@@ -9,6 +9,8 @@ network, batch, device, bf16 instructions and TensorFlow version (`cud_tf.execut
 precision_choice.json), so later runs pay nothing. mixed_float16 is never chosen: it needs loss scaling and
 gains nothing on CPUs; pass it explicitly on GPUs without bf16.
 """
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -52,12 +54,22 @@ def cache_key(net_cfg, batch_shape, hardware: dict) -> str:
                                  device=hardware["device"], flags=hardware["flags"], tensorflow=tf.__version__))
 
 
+@contextlib.contextmanager
+def global_policy(name=None):
+    """Sets Keras' process-wide dtype policy to `name` (None: leaves it) and restores the previous one on exit."""
+    old = keras.mixed_precision.global_policy()
+    if name is not None:
+        keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
 def forward_backward_seconds(net_cfg, batch_shape, policy, steps=3, warmup=2) -> float:
     """Median seconds of one forward and backward pass of a fresh network `net_cfg` under Keras policy `policy`
     on a random batch `batch_shape` `[B, H, W, C]` (the global policy is restored afterwards)."""
-    old = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
+    with global_policy(policy):
         net = VelocityUNet(net_cfg, name="precision_probe").build_variables()
         b = batch_shape[0]
         x = tf.random.stateless_normal(batch_shape, seed=[0, 1])
@@ -72,8 +84,6 @@ def forward_backward_seconds(net_cfg, batch_shape, policy, steps=3, warmup=2) ->
             return loss, tape.gradient(loss, net.trainable_variables)
 
         return execution.median_seconds(step, steps, warmup)
-    finally:
-        keras.mixed_precision.set_global_policy(old)
 
 
 def choose_precision(net_cfg, batch_shape, steps: int = 3, warmup: int = 2, hardware=None, log=print) -> dict:

@@ -59,7 +59,7 @@ def timings(monkeypatch, *seconds):
         given.append(fn)
         return seconds[len(given) - 1]
 
-    monkeypatch.setattr(execution, "_median_seconds", fake)
+    monkeypatch.setattr(execution, "median_seconds", fake)
     return given
 
 
@@ -79,7 +79,7 @@ def test_unset_jit_compile_is_measured_once_then_read_from_the_cache(loaded, no_
         f"images: graph {graph_s * 1e3:.0f} ms, XLA {xla_s * 1e3:.0f} ms); pass --jit_compile or --nojit_compile "
         "to choose"]
 
-    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(execution, "median_seconds", lambda *a: pytest.fail("measured again"))
     again = sample(loaded, None, [])
     assert again["jit_compile"]["source"] == "cache" and again["jit_compile"]["xla"] == choice["xla"]
     assert again["jit_compile"]["key"] == choice["key"]
@@ -98,7 +98,7 @@ def test_the_sample_step_kind_has_its_own_key(loaded, no_sampling, monkeypatch):
 def test_an_explicit_jit_compile_wins_over_the_cache_without_timing(loaded, no_sampling, monkeypatch, jit):
     timings(monkeypatch, 2.0, 1.0) if not jit else timings(monkeypatch, 1.0, 2.0)
     assert sample(loaded, None, [])["jit_compile"]["xla"] == (not jit)  # the cache now says the opposite
-    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("timed despite the flag"))
+    monkeypatch.setattr(execution, "median_seconds", lambda *a: pytest.fail("timed despite the flag"))
     lines = []
     result = sample(loaded, jit, lines)
     assert result["jit_compile"] == dict(xla=jit, source="flag")

@@ -1,13 +1,12 @@
 """The one train_step: MirroredStrategy over 2 CPUs equals the default strategy; non-finite updates are skipped."""
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from helpers import tiny
-from cud_tf import interpolants
+from cud_tf import interpolants, precision
 from cud_tf.models.base import OptimConfig
 from cud_tf.models.cud import CudModel as DiffusionModel
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
@@ -155,7 +154,7 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     assert int(first.step.numpy()) == 0
     assert list(json.load(open(execution.cache_path()))) == [choice["key"]]
 
-    monkeypatch.setattr(execution, "_median_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(execution, "median_seconds", lambda *a: pytest.fail("measured again"))
     second = model()
     cached = execution.choose_xla(second, strategy, batch)
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
@@ -165,10 +164,8 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
 @pytest.fixture
 def float16_policy():
     """The global Keras policy is process-wide: set mixed_float16 for one test and restore it."""
-    old = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_global_policy(old)
+    with precision.global_policy("mixed_float16"):
+        yield
 
 
 def test_float16_step_trains_with_a_scaled_loss_and_an_overflow_halves_the_scale(float16_policy):

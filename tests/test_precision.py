@@ -106,9 +106,8 @@ def test_auto_is_resolved_into_flags_and_the_policy(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "choose_precision",
                         lambda *a, **k: dict(precision="mixed_bfloat16", source="measured", float32_s=2.0,
                                              mixed_bfloat16_s=1.0, hardware=BF16_HW))
-    old = keras.mixed_precision.global_policy()
     lines = []
-    try:
+    with precision.global_policy():  # runtime() sets the process-wide policy: restored afterwards
         with flagsaver.flagsaver():
             parse(f"--run_dir={run_dir}", "--strategy=default")
             assert FLAGS.precision == "auto"  # the default
@@ -116,8 +115,6 @@ def test_auto_is_resolved_into_flags_and_the_policy(tmp_path, monkeypatch):
             assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
             assert FLAGS.precision == "mixed_bfloat16" and "--precision=mixed_bfloat16\n" in common.flags_string()
             assert common.recorded_config("cud", tiny_unet_config())["precision"] == "mixed_bfloat16"
-    finally:
-        keras.mixed_precision.set_global_policy(old)
     assert lines == ["--precision=auto: mixed_bfloat16, measured (forward + backward: float32 2000 ms, "
                      "mixed_bfloat16 1000 ms); test CPU (2 cores): avx512_bf16; pass --precision to choose"]
 
@@ -176,10 +173,8 @@ def test_bad_precision_is_refused_in_one_line():
 
 @pytest.fixture
 def bf16_policy():
-    old = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    yield
-    keras.mixed_precision.set_global_policy(old)
+    with precision.global_policy("mixed_bfloat16"):
+        yield
 
 
 def test_mixed_bfloat16_step_keeps_weights_ema_losses_targets_and_draws_float32(bf16_policy, monkeypatch):
