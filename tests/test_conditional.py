@@ -35,25 +35,26 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
 
 
 def test_conditional_mnist_samples_have_the_requested_class(mnist_data_dir, classifier_dir, tmp_path):
-    """300 steps of CUD K=1 (batch 32) on a 16-channel U-Net with labels; sample i asks for class i mod 10.
-    Measured here: class accuracy 0.145 at w = 1 and 0.215 at w = 3 (8 Euler steps, 200 samples). Chance is
-    0.1 +- 0.021 (one binomial standard deviation at 200 samples), so 0.215 is ~5 sigma above it; guidance
-    raises it, as it should. Longer training is what makes the figure large (not affordable in a test)."""
+    """120 steps of CUD K=1 (batch 32, lr 4e-3, label dropout 0.2) on a one-level 16-channel U-Net with labels;
+    sample i asks for class i mod 10. Measured here (4 Euler steps, 400 samples): class accuracy 0.140 / 0.148 at
+    w = 1 and 0.228 / 0.248 at w = 5 (seeds 0 / 1). Chance is 0.1 +- 0.015 (one binomial standard deviation at 400
+    samples), so 0.23 is ~8 sigma above it; guidance raises it, as it should. Longer training is what makes the
+    figure large (not affordable in a test)."""
     run_dir = str(tmp_path / "run")
     with flagsaver.flagsaver():
         parse(f"--flagfile={ROOT}/configs/mnist_quick.cfg", f"--data_dir={mnist_data_dir}", f"--run_dir={run_dir}",
-              "--num_classes=-1", "--label_dropout=0.1", "--channels=16", "--channel_mult=1,2",
-              "--global_batch_size=32", "--train_steps=300", "--warmup_steps=20", "--ema_decay=0.98",
-              "--checkpoint_every=300", "--log_every=100", "--sample_nfes=8", "--num_sample_images=4",
-              "--noprogress", "--strategy=default", "--jit_compile", "--precision=float32")
+              "--num_classes=-1", "--label_dropout=0.2", "--channels=16", "--channel_mult=1",
+              "--global_batch_size=32", "--train_steps=120", "--learning_rate=4e-3", "--warmup_steps=20",
+              "--ema_decay=0.98", "--checkpoint_every=120", "--log_every=100", "--sample_nfes=8",
+              "--num_sample_images=4", "--noprogress", "--strategy=default", "--jit_compile", "--precision=float32")
         cud_trainer.run()
     with flagsaver.flagsaver():
-        parse(f"--run_dir={run_dir}", "--nfe=8", "--num_samples=200", "--eval_batch_size=100",
-              "--guidance_scale=1,3", f"--classifier_dir={classifier_dir}", "--min_accuracy=0.9",
+        parse(f"--run_dir={run_dir}", "--nfe=4", "--num_samples=400", "--eval_batch_size=200",
+              "--guidance_scale=1,5", f"--classifier_dir={classifier_dir}", "--min_accuracy=0.9",
               f"--out_dir={tmp_path / 'eval'}", "--num_grid_images=10")
         result = evaluate.run(log=lambda _: None)
     accuracy = {r["guidance_scale"]: r["class_accuracy"] for r in result["rows"]}
     print("class accuracy by guidance scale:", accuracy)
-    assert set(accuracy) == {1.0, 3.0}
-    assert accuracy[3.0] > 0.17  # > chance + 3 sigma
-    assert accuracy[3.0] > accuracy[1.0]
+    assert set(accuracy) == {1.0, 5.0}
+    assert accuracy[5.0] > 0.16  # > chance + 4 sigma
+    assert accuracy[5.0] > accuracy[1.0]
