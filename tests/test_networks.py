@@ -49,11 +49,14 @@ def test_default_network_keeps_bare_resampling():
 
 
 def _config_from_flagfile(name, image_shape, num_heads):
+    """The network config of a flagfile, as the CUD trainer builds it (--num_classes=-1: the data set's)."""
+    from cud_tf import data
     cud_trainer.define_flags()
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
         FLAGS(["trainers.cud", f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
-        return common.network_config(image_shape, num_heads=num_heads), FLAGS.noise_encoder
+        num_classes = data.num_classes(common.data_config()) if FLAGS.num_classes == -1 else FLAGS.num_classes
+        return common.network_config(image_shape, num_heads, num_classes), FLAGS.noise_encoder
 
 
 def _resampling_blocks(net):
@@ -88,6 +91,20 @@ def test_cifar10_paper_network_parameter_count():
     blocks = _resampling_blocks(net)
     assert len(blocks) == 4 and {b.count_params() for b in blocks.values()} == {1_378_304}
     assert 55_732_739 - 4 * 1_378_304 + 2 * (256 * 256 * 9 + 256) == 51_399_683
+
+
+def test_imagenet64_adm_network_parameter_count():
+    cfg, encoder = _config_from_flagfile("imagenet64.cfg", (64, 64, 3), num_heads=1)
+    assert not encoder and (cfg.resample_proj, cfg.attention_type, cfg.decoder_attention) == (False, "adm", "every")
+    net = VelocityUNet(cfg).build_variables()  # variables only (~12 s here); never called or trained in tests
+    # The authors' ADM UNetModel (guided-diffusion's, 3 output channels as consistency_models builds it; the
+    # learn_sigma form of guided-diffusion's release has 6: +5,187) counts 295,899,267, checked against a
+    # block-by-block count of its code: 192 channels, embedding 768, 1000 label rows. Ours adds one row, the
+    # null label (index 1000), of 768: 295,900,035.
+    assert net.count_params() == 295_900_035 == 295_899_267 + 768
+    assert net.time_embedding.label_embedding.count_params() == 1001 * 768
+    attn = [layer for kind, layer in net.up if kind == "attn"] + [a for _, a in net.down if a is not None]
+    assert len(attn) == 3 * 4 + 3 * 3 and {a.head_channels for a in attn} == {64}  # 32, 16 and 8: every block
 
 
 def _perturb(layer, seed=1):
