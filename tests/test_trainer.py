@@ -1,5 +1,5 @@
-"""The CUD trainer: flagfiles, flag errors, --help, and one end-to-end run (the session's tiny run) that trains,
-samples, resumes, refuses another architecture or other settings, and reads back."""
+"""The CUD trainer: flag errors, --help, and one end-to-end run (the session's tiny run) that trains, samples,
+resumes, refuses another architecture or other settings, and reads back. Every flagfile: test_configs.py."""
 import glob
 import json
 import os
@@ -16,15 +16,6 @@ from trainers import cud as cud_trainer
 
 FLAGS = flags.FLAGS
 define_all_trainer_flags()
-
-
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.cfg"))))
-def test_every_flagfile_parses(path):
-    with flagsaver.flagsaver():
-        os.chdir(ROOT)  # flagfiles include their base files by paths relative to the repository
-        parse(f"--flagfile={path}")
-        assert any(FLAGS[name].present for name in FLAGS)  # the file set flags (parsing raises on a bad one)
-        common.network_config((32, 32, 3), num_heads=FLAGS.cud_order)  # the network flags form a valid config
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -141,6 +141,50 @@ def define_flags():
            lower_bound=0.0, upper_bound=1.0)
 
 
+TRAINERS = ("cud", "tract", "disback", "onestep")
+
+
+def own_flags():
+    """{trainer: the flags it defines beyond the shared ones} of `TRAINERS` (e.g. "cud": --method, --cud_*,
+    --noise_encoder, ...), every trainer's flags defined on the way. Tells which trainer a flagfile is for
+    (`flagfile_trainer`)."""
+    import importlib
+    global define
+    real, names = define, []
+
+    def recording(define_fn, name, *args, **kw):
+        names.append(name)
+        real(define_fn, name, *args, **kw)
+
+    define = recording  # common.define_flags and the trainers look `define` up here at call time
+    try:
+        define_flags()
+        shared = set(names)
+        owned = {}
+        for trainer in TRAINERS:
+            names.clear()
+            importlib.import_module(f"trainers.{trainer}").define_flags()
+            owned[trainer] = set(names) - shared
+    finally:
+        define = real
+    return owned
+
+
+def flagfile_trainer(path):
+    """The trainer (one of `TRAINERS`) that flagfile `path` is for: the one whose own flags it sets (its includes
+    too). Parses it into FLAGS (call inside `flagsaver.flagsaver()`); ValueError when it sets the own flags of
+    none or of several trainers."""
+    owned = own_flags()
+    FLAGS.unparse_flags()
+    FLAGS([sys.argv[0] if sys.argv else "cud_tf", f"--flagfile={path}"])
+    present = {name for name in DEFINED if FLAGS[name].present}
+    trainers = [t for t in TRAINERS if owned[t] & present]
+    if len(trainers) != 1:
+        raise ValueError(f"{path} sets the flags of the trainers {trainers or 'none'}: a flagfile is for one "
+                         f"trainer ({', '.join(sorted(set().union(*owned.values()) & present)) or 'no own flags'})")
+    return trainers[0]
+
+
 def int_list(values, name):
     """Parses a list flag of integers, with a one-line error naming the flag."""
     try:
