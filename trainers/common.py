@@ -14,6 +14,7 @@ FLAGS = flags.FLAGS
 
 # Names of the flags that this project defines, in the order they are written to flags.txt.
 DEFINED = []
+DEFINED_BY = {}  # flag name -> the module whose define_flags defined it (`own_flags`)
 
 # Flags that may change when a run is resumed: how long it runs, how it is observed, where data and devices are.
 # Every other flag of a run (method, objective, network, data set, batch, optimizer, seed, precision) must equal
@@ -30,6 +31,7 @@ def define(define_fn, name, *args, record=True, **kw):
     evaluator's, exporter's and generator's own flags are not)."""
     if name not in FLAGS:
         define_fn(name, *args, **kw)
+        DEFINED_BY[name] = sys._getframe(1).f_globals.get("__name__")  # e.g. "trainers.tract"
     if record and name not in DEFINED:
         DEFINED.append(name)
 
@@ -149,25 +151,9 @@ def own_flags():
     --noise_encoder, ...), every trainer's flags defined on the way. Tells which trainer a flagfile is for
     (`flagfile_trainer`)."""
     import importlib
-    global define
-    real, names = define, []
-
-    def recording(define_fn, name, *args, **kw):
-        names.append(name)
-        real(define_fn, name, *args, **kw)
-
-    define = recording  # common.define_flags and the trainers look `define` up here at call time
-    try:
-        define_flags()
-        shared = set(names)
-        owned = {}
-        for trainer in TRAINERS:
-            names.clear()
-            importlib.import_module(f"trainers.{trainer}").define_flags()
-            owned[trainer] = set(names) - shared
-    finally:
-        define = real
-    return owned
+    for trainer in TRAINERS:
+        importlib.import_module(f"trainers.{trainer}").define_flags()
+    return {t: {n for n, module in DEFINED_BY.items() if module == f"trainers.{t}"} for t in TRAINERS}
 
 
 def flagfile_trainer(path):
