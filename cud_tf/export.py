@@ -222,6 +222,20 @@ def next_version(base_dir) -> int:
     return max(versions, default=0) + 1
 
 
+def find_export(base_dir, run_dir, checkpoint):
+    """The version folder under base_dir exported from checkpoint `checkpoint` of run `run_dir`, or None."""
+    for version in sorted((d for d in os.listdir(base_dir) if d.isdigit()), key=int) if os.path.isdir(
+            base_dir) else []:
+        try:
+            with open(os.path.join(base_dir, version, METADATA_FILE)) as f:
+                run = json.load(f).get("run", {})
+        except (OSError, ValueError):
+            continue
+        if run.get("run_dir") == os.path.abspath(run_dir) and run.get("checkpoint") == checkpoint:
+            return os.path.join(base_dir, version)
+    return None
+
+
 def code_version() -> str:
     """`git describe` of the source tree when it is a git checkout with commits, else the package version."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,7 @@
 """The TRACT trainer end to end on the session's tiny CUD run: two phases, a resume mid-phase with its teacher,
 and a resume with another schedule refused."""
 import glob
+import json
 import os
 
 import numpy as np
@@ -53,9 +54,14 @@ def test_end_to_end_two_phases_resume_mid_phase(tiny_cud_run, mnist_data_dir, tm
 
     with flagsaver.flagsaver():  # resume mid-phase from the run's own flags
         FLAGS.unparse_flags()
-        FLAGS(["trainers.tract", f"--flagfile={run_dir}/flags.txt", "--train_steps=6"])
+        FLAGS(["trainers.tract", f"--flagfile={run_dir}/flags.txt", "--train_steps=6",
+               f"--export_model={tmp_path}/saved/mnist_tract"])  # exported when the run reaches step 6
         assert FLAGS.tract_steps_per_phase == 3 and FLAGS.tract_schedule == ["4", "2", "1"]
         tract_trainer.run()
+    with open(os.path.join(tmp_path, "saved", "mnist_tract", "1", "assets.extra", "cud_tf.json")) as f:
+        exported = json.load(f)
+    assert exported["run"]["step"] == 6 and exported["sampler"]["default_steps"] == 1
+    assert exported["sampler"]["head"] == 2  # --sample_head drives it
     phase6, teacher6, _ = checkpoint_values(run_dir, 6)
     assert phase6 == 1
     for a, b in zip(teacher4, teacher6):  # the resumed run kept its phase's teacher
@@ -74,5 +80,13 @@ def test_end_to_end_two_phases_resume_mid_phase(tiny_cud_run, mnist_data_dir, tm
         FLAGS.tract_steps_per_phase = 3
         with pytest.raises(flags.ValidationError, match="past the schedule"):
             tract_trainer.run()
+        FLAGS.tract_steps_per_phase, FLAGS.train_steps = 3, 6
+        FLAGS.export_model = f"{tmp_path}/saved/.hidden"  # refused before anything is trained or written
+        with pytest.raises(flags.ValidationError, match="export_model.*must be letters"):
+            tract_trainer.run()
+        FLAGS.export_model = f"{tmp_path}/saved/mnist_tract"
+        tract_trainer.run()  # a rerun of the finished run exports nothing new
+    assert os.listdir(os.path.join(tmp_path, "saved", "mnist_tract")) == ["1"]
     assert sorted(glob.glob(os.path.join(run_dir, "checkpoints", "ckpt-*.index")))[-1].endswith("ckpt-6.index")
+    assert os.listdir(os.path.join(tmp_path, "saved")) == ["mnist_tract"]
     assert "--tract_steps_per_phase=3" in open(os.path.join(run_dir, "flags.txt")).read()

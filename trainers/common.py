@@ -22,7 +22,7 @@ DEFINED_BY = {}  # flag name -> the module whose define_flags defined it (`own_f
 MUTABLE = {"run_dir", "train_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "progress",
            "nonfinite", "sample_nfes", "sample_method", "sample_head", "num_sample_images", "data_dir", "manual_dir",
            "download", "strategy", "jit_compile", "eval_every", "eval_nfe", "eval_samples", "eval_classifier_dir",
-           "eval_min_accuracy"}
+           "eval_min_accuracy", "export_model"}
 
 
 def define(define_fn, name, *args, record=True, **kw):
@@ -54,6 +54,10 @@ def define_flags():
     # Run.
     define(d.DEFINE_string, "run_dir", None, "Run directory: checkpoints, TensorBoard events, flags.txt, samples.")
     define(d.DEFINE_integer, "train_steps", 1000, "Training iterations.", lower_bound=1)
+    define(d.DEFINE_string, "export_model", None, "When the run reaches --train_steps, export its final weights "
+           "(those trainers.evaluate reads) as the next version of the SavedModel at this path, TF Serving's model "
+           "base path (e.g. saved_models/mnist_onestep); trainers.export's defaults: serving_default takes one "
+           "Euler step, driven by --sample_head. Unset: no export.")
     define(d.DEFINE_integer, "global_batch_size", 128, "Global batch over all replicas.", lower_bound=1)
     define(d.DEFINE_integer, "seed", default(L, "seed"), "Base seed: same flags and seed give the same run.")
     define(d.DEFINE_enum, "strategy", "mirrored", ["mirrored", "multiworker", "tpu", "default"],
@@ -252,7 +256,12 @@ def claimed_run_dir(arch: dict, config: dict, chief: bool):
     trains. Runs after every other check, so that a bad command never overwrites an earlier run's files.
     Raises cud_tf.run_dir.RunError with one line (another trainer holds it, other settings, another
     architecture, unwritable)."""
-    from cud_tf import run_dir
+    from cud_tf import export, run_dir
+    if FLAGS.export_model:
+        try:
+            export.check_name(os.path.basename(os.path.normpath(FLAGS.export_model)))
+        except ValueError as e:
+            raise flags.ValidationError(f"--export_model={FLAGS.export_model}: the last folder is the {e}") from None
     lock = run_dir.RunLock(FLAGS.run_dir)
     if chief:
         try:
@@ -265,8 +274,36 @@ def claimed_run_dir(arch: dict, config: dict, chief: bool):
         run_dir.open_run(FLAGS.run_dir, arch=arch, config=config, flags_text=flags_string(), definitions=FLAGS,
                          names=DEFINED, mutable=MUTABLE, chief=chief)
         yield
+        if chief and FLAGS.export_model:
+            export_finished_run()
     finally:
         lock.release()
+
+
+def export_finished_run(log=print):
+    """--export_model: exports the run's final checkpoint when it is that of --train_steps (a run stopped early,
+    e.g. by SIGTERM, exports when a resume finishes it) and no version there holds it yet. Returns the version's
+    path, or None."""
+    from cud_tf import export, run_dir
+    try:
+        latest = run_dir.latest_checkpoint(FLAGS.run_dir)
+    except run_dir.RunError:  # e.g. DisBack stopped in stage 1
+        return None
+    if os.path.basename(latest) != f"ckpt-{FLAGS.train_steps}":
+        return None
+    base, name = os.path.split(os.path.normpath(FLAGS.export_model))
+    done = export.find_export(os.path.join(base, name), FLAGS.run_dir, latest)
+    if done:  # a rerun of a finished run
+        log(f"{latest} is already exported: {done}")
+        return done
+    try:
+        path = export.export_run(FLAGS.run_dir, base or ".", name, export.ExportConfig(head=FLAGS.sample_head))
+    except (OSError, ValueError, ImportError) as e:
+        raise run_dir.RunError(f"training finished ({latest} kept) but --export_model={FLAGS.export_model} failed: "
+                               f"{e}; export it with python -m trainers.export --run_dir={FLAGS.run_dir} "
+                               f"--export_dir={base or '.'} --name={name}") from None
+    log(f"exported {path}")
+    return path
 
 
 def read_run_flags(path):
