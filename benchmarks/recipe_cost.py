@@ -123,13 +123,9 @@ def recipe_files():
 
 def cud_network(path):
     """(UNetConfig, noise encoder on) of CUD recipe `path`, as trainers.cud builds them."""
-    from cud_tf import data
+    from trainers import cud as cud_trainer
     assert parse(path) == "cud", path
-    dcfg = common.data_config()
-    shape = data.image_shape(dcfg)
-    num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
-    heads = FLAGS.cud_order if FLAGS.method == "cud" else 1
-    return common.network_config(shape, num_heads=heads, num_classes=num_classes), FLAGS.noise_encoder
+    return cud_trainer.network_config(), FLAGS.noise_encoder
 
 
 def cud_passes(dropout):

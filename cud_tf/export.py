@@ -216,16 +216,19 @@ class Signatures:
         return {"v": v}
 
 
+def versions(base_dir) -> list:
+    """The integer-named (version) folders of base_dir, ascending ([] when it does not exist)."""
+    return sorted(int(d) for d in os.listdir(base_dir) if d.isdigit()) if os.path.isdir(base_dir) else []
+
+
 def next_version(base_dir) -> int:
-    """1 + the largest integer-named folder in base_dir (1 when there is none)."""
-    versions = [int(d) for d in os.listdir(base_dir) if d.isdigit()] if os.path.isdir(base_dir) else []
-    return max(versions, default=0) + 1
+    """1 + the largest version in base_dir (1 when there is none)."""
+    return max(versions(base_dir), default=0) + 1
 
 
 def find_export(base_dir, run_dir, checkpoint):
     """The version folder under base_dir exported from checkpoint `checkpoint` of run `run_dir`, or None."""
-    for version in sorted((d for d in os.listdir(base_dir) if d.isdigit()), key=int) if os.path.isdir(
-            base_dir) else []:
+    for version in map(str, versions(base_dir)):
         try:
             with open(os.path.join(base_dir, version, METADATA_FILE)) as f:
                 run = json.load(f).get("run", {})

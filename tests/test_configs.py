@@ -68,11 +68,10 @@ def check_trainer_flags(trainer, num_classes):
 
 
 def cud_network(dataset):
-    """The CUD trainer's network config of the parsed flags for `dataset`."""
-    shape, classes = DATASETS[dataset]
-    num_classes = classes if FLAGS.num_classes == -1 else FLAGS.num_classes
-    return common.network_config(shape, num_heads=FLAGS.cud_order if FLAGS.method == "cud" else 1,
-                                 num_classes=num_classes)
+    """The CUD trainer's network config of the parsed flags (its data set: `dataset`)."""
+    from trainers import cud
+    assert FLAGS.dataset == dataset
+    return cud.network_config()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The velocity U-Net, its heads, the dynamic skip, the noise encoder, class conditioning, and the reference
 (DDPM++) and ADM blocks: residual resampling, their attention, scale-shift norm."""
+import dataclasses
 import json
 import math
 import os
@@ -49,14 +50,15 @@ def test_default_network_keeps_bare_resampling():
 
 
 def _config_from_flagfile(name, image_shape, num_heads):
-    """The network config of a flagfile, as the CUD trainer builds it (--num_classes=-1: the data set's)."""
-    from cud_tf import data
+    """The network config of a flagfile as the CUD trainer builds it (`trainers.cud.network_config`), with
+    `num_heads` heads."""
     cud_trainer.define_flags()
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
         FLAGS(["trainers.cud", f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
-        num_classes = data.num_classes(common.data_config()) if FLAGS.num_classes == -1 else FLAGS.num_classes
-        return common.network_config(image_shape, num_heads, num_classes), FLAGS.noise_encoder
+        cfg = dataclasses.replace(cud_trainer.network_config(), num_heads=num_heads)
+        assert cfg.image_shape == image_shape
+        return cfg, FLAGS.noise_encoder
 
 
 def _resampling_blocks(net):

@@ -150,13 +150,21 @@ def define_flags():
 TRAINERS = ("cud", "tract", "disback", "onestep")
 
 
+def define_all_flags():
+    """Defines the flags of every module under trainers/ that has a `define_flags` (the trainers and tools)."""
+    import importlib
+    import pkgutil
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
+        module = importlib.import_module(f"trainers.{info.name}")
+        if hasattr(module, "define_flags"):
+            module.define_flags()
+
+
 def own_flags():
     """{trainer: the flags it defines beyond the shared ones} of `TRAINERS` (e.g. "cud": --method, --cud_*,
     --noise_encoder, ...), every trainer's flags defined on the way. Tells which trainer a flagfile is for
     (`flagfile_trainer`)."""
-    import importlib
-    for trainer in TRAINERS:
-        importlib.import_module(f"trainers.{trainer}").define_flags()
+    define_all_flags()
     return {t: {n for n, module in DEFINED_BY.items() if module == f"trainers.{t}"} for t in TRAINERS}
 
 
@@ -166,7 +174,7 @@ def flagfile_trainer(path):
     none or of several trainers."""
     owned = own_flags()
     FLAGS.unparse_flags()
-    FLAGS([sys.argv[0] if sys.argv else "cud_tf", f"--flagfile={path}"])
+    FLAGS(["flagfile", f"--flagfile={path}"])
     present = {name for name in DEFINED if FLAGS[name].present}
     trainers = [t for t in TRAINERS if owned[t] & present]
     if len(trainers) != 1:
@@ -308,13 +316,8 @@ def export_finished_run(log=print):
 
 def read_run_flags(path):
     """{flag: typed value} of a run's flags.txt, parsed by absl against every trainer's flag definitions."""
-    import importlib
-    import pkgutil
     from cud_tf import run_dir
-    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
-        module = importlib.import_module(f"trainers.{info.name}")
-        if hasattr(module, "define_flags"):
-            module.define_flags()
+    define_all_flags()
     return run_dir.parse_flags_file(os.path.join(path, run_dir.FLAGS_FILE), FLAGS, DEFINED)
 
 

@@ -54,6 +54,16 @@ def objective_config(num_classes):
         distance=FLAGS.distance, beta=FLAGS.kl_beta, label_dropout=FLAGS.label_dropout if num_classes else 0.0)
 
 
+def network_config():
+    """The UNetConfig this trainer builds from the flags: the data set's image shape, its classes for
+    --num_classes=-1, one head per catch-up order (one for rectified flow)."""
+    from cud_tf import data
+    dcfg = common.data_config()
+    num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
+    return common.network_config(data.image_shape(dcfg), num_heads=FLAGS.cud_order if FLAGS.method == "cud" else 1,
+                                 num_classes=num_classes)
+
+
 def run():
     """Builds everything from the flags and trains; returns the last metrics."""
     import keras
@@ -65,13 +75,12 @@ def run():
     from cud_tf.objectives import OBJECTIVES
 
     common.require(run_dir=FLAGS.run_dir)
-    num_heads = FLAGS.cud_order if FLAGS.method == "cud" else 1
-    if FLAGS.sample_head > num_heads:
-        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the network has {num_heads} head(s)")
+    net_cfg = network_config()
+    if FLAGS.sample_head > net_cfg.num_heads:
+        raise flags.ValidationError(f"--sample_head={FLAGS.sample_head} but the network has {net_cfg.num_heads} "
+                                    "head(s)")
     dcfg = common.data_config()
-    shape = data.image_shape(dcfg)
-    num_classes = data.num_classes(dcfg) if FLAGS.num_classes == -1 else FLAGS.num_classes
-    net_cfg = common.network_config(shape, num_heads=num_heads, num_classes=num_classes)
+    shape, num_classes = net_cfg.image_shape, net_cfg.num_classes
     data.get_builder(dcfg)  # fails fast, with a message, when the data set is not prepared
     obj_cfg = objective_config(num_classes)
     arch = common.arch_dict(net_cfg, FLAGS.noise_encoder)
