@@ -63,6 +63,9 @@ class TimeEmbedding(layers.Layer):
             layers.Embedding(num_classes + 1, emb_channels, name="label_embedding") if num_classes else None
         )
 
+    def build(self, t_shape, y_shape=None):
+        """Nothing to infer: the dense layers build on the first call."""
+
     def call(self, t, y=None):
         emb = self.dense1(ops.silu(self.dense0(sinusoidal_embedding(t, self.base_channels))))
         if self.label_embedding is not None:

@@ -186,6 +186,10 @@ class VelocityUNet(keras.Model):
                 h = layer(upsample(h))
         return h
 
+    def build(self, x_shape, t_shape=None, y_shape=None):
+        """Nothing to infer: every sublayer builds with its input's shape on the first call. (Without this, Keras
+        traces the whole network symbolically before that first call, which is most of `build_variables`' time.)"""
+
     def call(self, x, t, y=None, training=None, head=None):
         feats = self.features(x, t, y, training=training)
         if head is not None:
