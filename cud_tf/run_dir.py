@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterable
 
 import tensorflow as tf
 
-from cud_tf.models.base import OptimConfig, copy_weights, ema_variables, make_optimizer
+from cud_tf.models.base import OptimConfig, copy_weights, ema_variables, make_group_optimizer
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, noise_encoder_config
 
 ARCH, CONFIG, FLAGS_FILE, HISTORY, LOCK = "arch.json", "config.json", "flags.txt", "history.jsonl", "lock"
@@ -271,6 +271,9 @@ def latest_checkpoint(run_dir, checkpoint=None) -> str:
     return path
 
 
+_LOSS_SCALE_KEY = "optimizer_velocity/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"  # a mixed_float16 run's
+
+
 def load_run(run_dir, weights="ema", checkpoint=None, name="velocity") -> LoadedRun:
     """Rebuilds the run's velocity network and restores its EMA (or training, `weights="train"`) weights."""
     cfg, has_encoder = read_arch(run_dir)
@@ -283,8 +286,14 @@ def load_run(run_dir, weights="ema", checkpoint=None, name="velocity") -> Loaded
         items["encoder"] = checkpoint_variables(encoder)
         variables += encoder.trainable_variables
     run_config = read_config(run_dir)
-    # Keras keeps optimizer variables in a positional list whose layout depends on the schedule: rebuild it alike.
-    optimizer = make_optimizer(OptimConfig(warmup_steps=int(run_config.get("optim", {}).get("warmup_steps", 0))))
+    # Keras keeps optimizer variables in a positional list whose layout depends on the schedule: rebuild it alike,
+    # inside a LossScaleOptimizer for a mixed_float16 run (its checkpoint nests the AdamW as inner_optimizer).
+    warmup_steps = int(run_config.get("optim", {}).get("warmup_steps", 0))
+    try:
+        loss_scaled = tf.train.load_checkpoint(path).has_tensor(_LOSS_SCALE_KEY)
+    except tf.errors.OpError:
+        loss_scaled = False  # an unreadable checkpoint: the restore below says why
+    optimizer = make_group_optimizer(OptimConfig(warmup_steps=warmup_steps), loss_scaling=loss_scaled)
     optimizer.build(variables)
     step = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(optimizer_velocity=optimizer, step=step, **items)

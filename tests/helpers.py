@@ -93,9 +93,10 @@ def serving_protos():
     return pytest.importorskip("tensorflow_serving", reason=NO_SERVING)
 
 
-def write_run(run_dir, cfg, step=2):
+def write_run(run_dir, cfg, step=2, model=None):
     """A run directory in the trainer's layout (arch.json, flags.txt, checkpoints/ of DiffusionModel.trackables)
-    whose EMA weights differ from its training weights, so a test can tell which were exported."""
+    whose EMA weights differ from its training weights, so a test can tell which were exported. `model`: a
+    DiffusionModel of `cfg` (e.g. trained by the test) whose checkpoint, at its own step, to write instead."""
     import numpy as np
     import tensorflow as tf
     from cud_tf import run_dir as run_dir_lib
@@ -104,13 +105,15 @@ def write_run(run_dir, cfg, step=2):
     from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
     from trainers import common
 
-    net = VelocityUNet(cfg, name="velocity").build_variables()
-    model = DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=cfg.num_heads), OptimConfig(),
-                           global_batch_size=8)
-    rng = np.random.default_rng(0)
-    for avg in ema_variables(model.optimizers_by_group["velocity"]):
-        avg.assign(avg + 0.05 * rng.standard_normal(avg.shape).astype(np.float32))
-    model.step.assign(step)
+    if model is None:
+        net = VelocityUNet(cfg, name="velocity").build_variables()
+        model = DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=cfg.num_heads), OptimConfig(),
+                               global_batch_size=8)
+        rng = np.random.default_rng(0)
+        for avg in ema_variables(model.optimizers_by_group["velocity"]):
+            avg.assign(avg + 0.05 * rng.standard_normal(avg.shape).astype(np.float32))
+        model.step.assign(step)
+    step = int(model.step.numpy())
     run_dir_lib.write_json(os.path.join(run_dir, "arch.json"), common.arch_dict(cfg, False))
     run_dir_lib.write_json(os.path.join(run_dir, "config.json"), run_dir_lib.to_json(
         dict(trainer="cud", method="cud", network=cfg, objective=ObjectiveConfig(order=cfg.num_heads))))

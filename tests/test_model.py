@@ -1,13 +1,15 @@
 """The one train_step: MirroredStrategy over 2 CPUs equals the default strategy; non-finite updates are skipped."""
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import tiny
+from helpers import tiny, write_run
 from cud_tf import interpolants, precision
-from cud_tf.models.base import OptimConfig
+from cud_tf import run_dir as run_dir_lib
+from cud_tf.models.base import OptimConfig, ReducedAdamW, ema_variables
 from cud_tf.models.cud import CudModel as DiffusionModel
 from cud_tf.networks.unet import VelocityUNet, noise_encoder_config
 from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
@@ -15,18 +17,19 @@ from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
 B = 8
 
 
-def build(strategy, method, order, encoder, catchup_model="train"):
+def build(strategy, method, order, encoder, catchup_model="train", grad_clip=1.0):
     cfg = tiny(num_heads=order)
     with strategy.scope():
         tf.keras.utils.set_random_seed(0)
         net = VelocityUNet(cfg).build_variables()
         enc = VelocityUNet(noise_encoder_config(cfg)).build_variables() if encoder else None
         return DiffusionModel(net, OBJECTIVES[method], ObjectiveConfig(order=order, catchup_model=catchup_model),
-                              OptimConfig(learning_rate=1e-3, grad_clip=1.0), global_batch_size=B, seed=3,
+                              OptimConfig(learning_rate=1e-3, grad_clip=grad_clip), global_batch_size=B, seed=3,
                               encoder=enc)
 
 
-def run_steps(strategy, model, images, steps):
+def stepper(strategy, model, images):
+    """One traced train step on fixed images: each call runs a step and returns its metrics summed over replicas."""
     ds = tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(B, np.int32)}).repeat()
     it = iter(strategy.experimental_distribute_dataset(ds))
 
@@ -35,7 +38,12 @@ def run_steps(strategy, model, images, steps):
         out = strategy.run(model.train_step, args=(next(it),))
         return {k: strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
 
-    return [step(it) for _ in range(steps)][-1]
+    return lambda: step(it)
+
+
+def run_steps(strategy, model, images, steps):
+    step = stepper(strategy, model, images)
+    return [step() for _ in range(steps)][-1]
 
 
 _DEFAULT_RUNS = {}
@@ -160,7 +168,8 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
 
 
-# mixed_float16: dynamic loss scaling inside the one train_step (scale, unscale after the all-reduce, skip + halve).
+# mixed_float16: each group's AdamW inside Keras' LossScaleOptimizer; the model scales the loss, all-reduces, checks
+# and clips the scaled gradients, and skips a non-finite step itself, lowering the scale as Keras does.
 @pytest.fixture
 def float16_policy():
     """The global Keras policy is process-wide: set mixed_float16 for one test and restore it."""
@@ -168,29 +177,74 @@ def float16_policy():
         yield
 
 
-def test_float16_step_trains_with_a_scaled_loss_and_an_overflow_halves_the_scale(float16_policy):
-    strategy = tf.distribute.get_strategy()
-    model = build(strategy, "rf", 1, False)
-    assert model.loss_scaling and float(model.loss_scale.numpy()) == 2.0 ** 15
+def _values(variables):
+    return [v.numpy() for v in variables]
+
+
+def test_float16_steps_scale_the_loss_grow_the_scale_and_an_overflow_is_skipped_and_halves_it(
+        float16_policy, strategy, tmp_path):
+    clip = 1e-3  # per-weight gradients of about Adam's epsilon: the update shows whether clipping was right
+    model = build(strategy, "rf", 1, False, grad_clip=clip)
+    opt = model.optimizers_by_group["velocity"]
+    assert isinstance(opt, keras.optimizers.LossScaleOptimizer) and isinstance(opt.inner_optimizer, ReducedAdamW)
+    assert float(opt.dynamic_scale.numpy()) == 2.0 ** 15 and opt.dynamic_growth_steps == 2000
     assert all(v.dtype == tf.float32 for v in model.net.trainable_variables)  # fp32 master weights
+    opt.dynamic_growth_steps = 2  # before the step is traced: Keras reads it as a Python int
     images = np.random.RandomState(1).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
-    before = [v.numpy() for v in model.net.trainable_variables]
-    metrics = run_steps(strategy, model, images, 1)
+    # The unscaled global-batch gradient norm of the first step, eagerly on one replica (same initial weights).
+    ref = build(tf.distribute.get_strategy(), "rf", 1, False) if strategy is not tf.distribute.get_strategy() \
+        else model
+    batch = {"image": tf.constant(images), "label": tf.zeros([B], tf.int32)}
+    _, local = ref.objective_step(ref.objective, xla=False)(batch, tf.constant(0, tf.int64), tf.constant(0), 1)
+    unscaled = [g.numpy() / 2.0 ** 15 for g in local["velocity"]]
+    unscaled_norm = float(tf.linalg.global_norm(unscaled))
+    assert unscaled_norm > 100 * clip
+    # Keras' first Adam step, lr 1e-3 (no warm-up), on the unscaled gradient clipped to norm `clip`: the update.
+    eps, clipped = 1e-7 / np.sqrt(1 - 0.999), [g * clip / unscaled_norm for g in unscaled]
+    expected = [w.numpy() - 1e-3 * g / (np.abs(g) + eps)
+                for w, g in zip(model.net.trainable_variables, clipped, strict=True)]
+    step = stepper(strategy, model, images)
+
+    metrics = step()
     assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
-    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 1
-    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.net.trainable_variables))
+    np.testing.assert_allclose(float(metrics["grad_norm_velocity"]), unscaled_norm, rtol=1e-3)  # unscaled
+    for w, want in zip(model.net.trainable_variables, expected):  # unscaled and clipped as in float32
+        np.testing.assert_allclose(w.numpy(), want, atol=1e-5)
+    assert int(opt.iterations.numpy()) == 1 and int(opt.step_counter.numpy()) == 1
+    assert float(opt.dynamic_scale.numpy()) == 2.0 ** 15
     # An overflow: a scale so large that the scaled fp16 gradients are infinite. The step is skipped, the scale
-    # halved, weights and optimizer (and so the EMA, which the optimizer updates) untouched.
-    model.loss_scale.assign(3.0e38)
-    after_one = [v.numpy() for v in model.net.trainable_variables]
-    metrics = run_steps(strategy, model, images, 1)
+    # halved and the growth counter reset, weights, AdamW and EMA untouched.
+    opt.dynamic_scale.assign(3.0e38)
+    kept = [_values(model.net.trainable_variables), _values(ema_variables(opt)), _values(opt.inner_optimizer.variables)]
+    metrics = step()
     assert float(metrics["nonfinite"]) == 1.0 and int(model.skipped_updates.numpy()) == 1
-    assert float(model.loss_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
-    assert int(model.optimizers_by_group["velocity"].iterations.numpy()) == 1
-    for a, b in zip(after_one, model.net.trainable_variables):
-        np.testing.assert_array_equal(a, b.numpy())
+    assert float(opt.dynamic_scale.numpy()) == pytest.approx(1.5e38, rel=1e-6)
+    assert int(opt.step_counter.numpy()) == 0 and int(opt.iterations.numpy()) == 1
+    for got, want in zip([model.net.trainable_variables, ema_variables(opt), opt.inner_optimizer.variables], kept):
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b.numpy())
+    # dynamic_growth_steps (2) finite steps in a row double the scale.
+    opt.dynamic_scale.assign(2.0 ** 10)
+    step()
+    assert float(opt.dynamic_scale.numpy()) == 2.0 ** 10 and int(opt.step_counter.numpy()) == 1
+    step()
+    assert float(opt.dynamic_scale.numpy()) == 2.0 ** 11 and int(opt.step_counter.numpy()) == 0
+    assert int(opt.iterations.numpy()) == 3 and int(model.skipped_updates.numpy()) == 1
+
+    # Its checkpoint, written as the trainer writes one, loads with run_dir.load_run (as evaluate and export do).
+    write_run(str(tmp_path), model.net.config, model=model)
+    with precision.global_policy("float32"):
+        ema, train = run_dir_lib.load_run(str(tmp_path)), run_dir_lib.load_run(str(tmp_path), weights="train")
+    assert ema.step == 4
+    for got, want in [(ema.net, ema_variables(opt)), (train.net, model.net.trainable_variables)]:
+        for a, b in zip(got.trainable_variables, want, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_float32_has_no_loss_scaling_in_its_checkpoint():
+def test_float32_has_no_loss_scaling_in_its_checkpoint(tmp_path):
     model = build(tf.distribute.get_strategy(), "rf", 1, False)
-    assert not model.loss_scaling and "loss_scale" not in model.trackables()  # fp32 checkpoints unchanged
+    assert type(model.optimizers_by_group["velocity"]) is ReducedAdamW  # fp32 and bf16 checkpoints unchanged
+    path = tf.train.Checkpoint(**model.trackables()).write(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert any(n.startswith("optimizer_velocity/_variables/") for n in names)
+    assert not any("dynamic_scale" in n or "inner_optimizer" in n or "loss_scale" in n for n in names)

@@ -3,7 +3,10 @@
 It reduces the objective's per-example losses per optimizer group to each replica's share of the global-batch
 mean (the arithmetic of `tf.nn.compute_average_loss`), all-reduces the gradients once, checks that they are
 finite, clips them by global norm, applies them with AdamW (whose `use_ema` keeps the EMA of the weights) and
-returns per-replica metric contributions that the training loop sums across replicas.
+returns per-replica metric contributions that the training loop sums across replicas. Under the mixed_float16
+policy each group's AdamW is wrapped in Keras' LossScaleOptimizer (dynamic loss scaling): the step scales each
+loss by its group's scale, all-reduces, checks and clips the scaled gradients, and the LossScaleOptimizer unscales
+them in `apply`.
 
 What a method adds goes through public hooks, never through the step itself (docs/architecture.md):
 `prepare_step()` before the losses and `finish_step(applied)` after the update (both in cross-replica
@@ -56,6 +59,31 @@ def make_optimizer(cfg: OptimConfig, use_ema=True, name=None):
                         beta_2=cfg.beta_2, use_ema=use_ema, ema_momentum=cfg.ema_decay, name=name)
 
 
+LOSS_SCALE_INITIAL = 2.0 ** 15  # mixed_float16: Keras' LossScaleOptimizer's initial scale ...
+LOSS_SCALE_GROWTH_STEPS = 2000  # ... doubled after this many finite steps in a row
+
+
+def make_group_optimizer(cfg: OptimConfig, name=None, loss_scaling=False):
+    """`make_optimizer(cfg)`, wrapped in Keras' dynamic `LossScaleOptimizer` when `loss_scaling` (mixed_float16).
+    The wrapper is checkpointed around the AdamW (`inner_optimizer/...`), so float32 and bf16 checkpoints keep the
+    bare AdamW's layout."""
+    opt = make_optimizer(cfg, name=name)
+    if loss_scaling:
+        opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=LOSS_SCALE_INITIAL,
+                                                  dynamic_growth_steps=LOSS_SCALE_GROWTH_STEPS,
+                                                  name=f"loss_scale_{name}" if name else None)
+    return opt
+
+
+def is_loss_scaled(optimizer) -> bool:
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def inner_optimizer(optimizer):
+    """The AdamW itself: `optimizer`, or the one that a LossScaleOptimizer wraps."""
+    return optimizer.inner_optimizer if is_loss_scaled(optimizer) else optimizer
+
+
 def evaluated_weights_config(cfg: OptimConfig, eval_weights: str, raw: str) -> OptimConfig:
     """`cfg` for the group whose optimizer's EMA slots hold what samples, the evaluator, checkpoints' EMA weights
     and export read: `eval_weights` = `raw` (the network's own weights: EMA momentum 0, so that Keras'
@@ -66,9 +94,9 @@ def evaluated_weights_config(cfg: OptimConfig, eval_weights: str, raw: str) -> O
 
 
 def ema_variables(optimizer):
-    """The EMA copies that Keras' optimizer keeps (`use_ema=True`), in the order of its variables. Keras'
-    own SwapEMAWeights callback reads the same attribute."""
-    return optimizer._model_variables_moving_average
+    """The EMA copies that Keras' optimizer keeps (`use_ema=True`), in the order of its variables (the inner
+    AdamW's under a LossScaleOptimizer). Keras' own SwapEMAWeights callback reads the same attribute."""
+    return inner_optimizer(optimizer)._model_variables_moving_average
 
 
 def copy_weights(source, target):
@@ -112,7 +140,10 @@ class DiffusionModel(keras.Model):
             groups = {"velocity": net.trainable_variables + (encoder.trainable_variables if encoder else [])}
         self.group_vars = groups
         optim_cfgs = optim_cfgs or {g: optim_cfg for g in groups}
-        self.optimizers_by_group = {g: make_optimizer(optim_cfgs[g], name=f"adamw_{g}") for g in groups}
+        # mixed_float16: Keras' LossScaleOptimizer around each group's AdamW (its own dynamic scale).
+        loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
+        self.optimizers_by_group = {g: make_group_optimizer(optim_cfgs[g], name=f"adamw_{g}",
+                                                            loss_scaling=loss_scaling) for g in groups}
         self.clip_norms = {g: optim_cfgs[g].grad_clip for g in groups}
         for g, opt in self.optimizers_by_group.items():
             opt.build(self.group_vars[g])  # in scope, so that a restore finds the slots and the EMA
@@ -120,20 +151,11 @@ class DiffusionModel(keras.Model):
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_updates",
                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # mixed_float16: one dynamic loss scale for all groups (explicit, so that it composes with the all-reduce,
-        # clipping and the non-finite skip): halved on a skipped step, doubled after LOSS_SCALE_PERIOD finite steps.
-        self.loss_scale = self.loss_scale_good_steps = None
-        if keras.mixed_precision.global_policy().name == "mixed_float16":
-            self.loss_scale = tf.Variable(2.0 ** 15, trainable=False, name="loss_scale",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.loss_scale_good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good",
-                                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-    LOSS_SCALE_PERIOD = 2000
-
-    @property
-    def loss_scaling(self) -> bool:
-        return self.loss_scale is not None
+    def loss_scale(self, group) -> Optional[tf.Tensor]:
+        """The current dynamic loss scale of `group`'s LossScaleOptimizer (mixed_float16), else None."""
+        opt = self.optimizers_by_group[group]
+        return tf.convert_to_tensor(opt.dynamic_scale) if is_loss_scaled(opt) else None
 
     @property
     def nets(self) -> Nets:
@@ -147,9 +169,7 @@ class DiffusionModel(keras.Model):
         for name, n in self.extra_nets.items():
             items[f"net_{name}"] = checkpoint_variables(n)
         for g, opt in self.optimizers_by_group.items():
-            items[f"optimizer_{g}"] = opt
-        if self.loss_scaling:
-            items.update(loss_scale=self.loss_scale, loss_scale_good_steps=self.loss_scale_good_steps)
+            items[f"optimizer_{g}"] = opt  # under mixed_float16 its LossScaleOptimizer (scale, counter, AdamW)
         return items
 
     def sync_ema(self):
@@ -174,13 +194,16 @@ class DiffusionModel(keras.Model):
         grads, finite = {}, tf.constant(True)
         for g, local in local_grads.items():
             grads[g] = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)  # the global-batch gradient
-            if self.loss_scaling:  # unscale before the norm, the finite check and clipping
-                grads[g] = [gr / tf.cast(self.loss_scale, gr.dtype) for gr in grads[g]]
-            norm = tf.linalg.global_norm(grads[g])
-            metrics[f"grad_norm_{g}"] = norm / n
+            norm, clip = tf.linalg.global_norm(grads[g]), self.clip_norms[g]
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
+            scale = self.loss_scale(g)
+            if scale is not None:  # scaled gradients (the LossScaleOptimizer unscales them): so are norm and clip
+                metrics[f"grad_norm_{g}"] = norm / scale / n
+                clip = clip * scale
+            else:
+                metrics[f"grad_norm_{g}"] = norm / n
             if self.clip_norms[g] > 0:
-                grads[g], _ = tf.clip_by_global_norm(grads[g], self.clip_norms[g], use_norm=norm)
+                grads[g], _ = tf.clip_by_global_norm(grads[g], clip, use_norm=norm)
         self._apply_if_finite(finite, grads, self.active_groups(step))
         self.step.assign_add(1)
         ctx.merge_call(lambda dist, f: self.finish_step(dist.experimental_local_results(f)[0]), args=(finite,))
@@ -237,8 +260,9 @@ class DiffusionModel(keras.Model):
         with tf.GradientTape(persistent=len(self.group_vars) > 1) as tape:
             out = objective(self.nets, batch, rng, step, self.objective_cfg)
             losses = {g: self.replica_share(tf.cast(v, tf.float32)) for g, v in out.per_example.items()}
-            if self.loss_scaling:  # scaled before the gradient, unscaled after the all-reduce
-                losses = {g: self.loss_scale * v for g, v in losses.items()}
+            # mixed_float16: scaled before the gradient; the group's LossScaleOptimizer unscales in apply.
+            losses = {g: self.optimizers_by_group[g].scale_loss(v) if is_loss_scaled(self.optimizers_by_group[g])
+                      else v for g, v in losses.items()}
         metrics = {k: self.replica_share(tf.cast(v, tf.float32)) for k, v in out.metrics.items()}
         grads = {}
         for g, variables in self.group_vars.items():
@@ -251,35 +275,39 @@ class DiffusionModel(keras.Model):
         """Applies the update of every group that is active this step (`active`: {group: bool}, default all),
         or none when a gradient is not finite (counted in skipped_updates).
 
+        Under mixed_float16 a finite step calls each active group's LossScaleOptimizer, which unscales, applies its
+        AdamW (and EMA) and grows its scale after `dynamic_growth_steps` finite steps; a skipped step lowers the
+        scale of each group that was due as the LossScaleOptimizer's own non-finite branch does (halved, no
+        floor; growth counter reset), and never touches the AdamW or the EMA.
+
         The conds run in cross-replica context, as Keras' LossScaleOptimizer does, because the optimizer's
-        apply calls merge_call."""
+        apply calls merge_call; the applies run in replica context (call_for_each_replica), as
+        LossScaleOptimizer.apply requires."""
         def cross_replica(distribution, finite_, grads_, active_):
             first = lambda x: distribution.experimental_local_results(x)[0]  # noqa: E731
+
+            def for_due_groups(fn, groups):
+                for g in groups:
+                    if g in active_:
+                        tf.cond(first(active_[g]), lambda g=g: fn(g), lambda: None)
+                    else:
+                        fn(g)
 
             def apply_group(g):
                 def apply(grads__):
                     self.optimizers_by_group[g].apply_gradients(zip(grads__[g], self.group_vars[g]))
-                return lambda: distribution.extended.call_for_each_replica(apply, args=(grads_,))
+                distribution.extended.call_for_each_replica(apply, args=(grads_,))
 
-            def apply_active():
-                if self.loss_scaling:
-                    good = self.loss_scale_good_steps.assign_add(1)
-                    grow = good >= self.LOSS_SCALE_PERIOD
-                    self.loss_scale.assign(tf.where(grow, self.loss_scale * 2.0, self.loss_scale))
-                    self.loss_scale_good_steps.assign(tf.where(grow, tf.zeros_like(good), good))
-                for g in self.optimizers_by_group:
-                    if g in active_:
-                        tf.cond(first(active_[g]), apply_group(g), lambda: None)
-                    else:
-                        apply_group(g)()
+            def lower_scale(g):  # LossScaleOptimizer's non-finite branch, through its public variables
+                opt = self.optimizers_by_group[g]
+                opt.step_counter.assign(0)
+                opt.dynamic_scale.assign(opt.dynamic_scale * 0.5)
 
             def skip():
                 self.skipped_updates.assign_add(1)
-                if self.loss_scaling:  # a skipped step lowers the scale; the EMA is never touched
-                    self.loss_scale.assign(tf.maximum(self.loss_scale * 0.5, 1.0))
-                    self.loss_scale_good_steps.assign(0)
+                for_due_groups(lower_scale, [g for g, o in self.optimizers_by_group.items() if is_loss_scaled(o)])
 
             # Every replica computed the same flags from all-reduced gradients and the step: take the first.
-            tf.cond(first(finite_), apply_active, skip)
+            tf.cond(first(finite_), lambda: for_due_groups(apply_group, self.optimizers_by_group), skip)
 
         tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads, active))
