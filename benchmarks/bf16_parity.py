@@ -16,7 +16,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality_mnist as q  # noqa: E402  (its flags: --out_dir, --base_flagfile, --train_steps, --nfe, ...)
-from trainers import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Training precisions to compare.")
@@ -39,12 +38,14 @@ def main(argv):
             q.train("trainers.cud", run_dir, FLAGS.train_steps, f"--flagfile={FLAGS.base_flagfile}",
                     f"--train_steps={FLAGS.train_steps}", f"--global_batch_size={FLAGS.global_batch_size}",
                     f"--seed={seed}", f"--precision={precision}", "--noprogress", *FLAGS.train_flag)
-            recorded = common.recorded_precision(run_dir)  # what ran (flags.txt), checked below
+            with open(os.path.join(run_dir, "flags.txt")) as f:  # what ran (the resolved --precision)
+                recorded = next((line.strip().split("=", 1)[1] for line in f if line.startswith("--precision=")),
+                                None)
             if recorded != precision:
                 sys.exit(f"error: {run_dir} trained under {recorded}, not {precision}: remove it or pick another "
                          "--out_dir")
             result = q.evaluate(run_dir, 1)
-            runs.append(dict(precision=precision, seed=int(seed), run_dir=run_dir, 
+            runs.append(dict(precision=precision, seed=int(seed), run_dir=run_dir,
                              train_seconds=q.train_seconds(run_dir),
                              distance={str(r["nfe"]): r["distance"] for r in result["rows"]}))
             metric = result["metric"]
