@@ -173,6 +173,27 @@ def test_phase_switch_assigns_the_inference_ema_to_the_teacher_without_retracing
     assert int(model.phase.numpy()) == 1  # no second switch within the phase
 
 
+def test_xla_step_does_not_depend_on_the_step_value():
+    """Under XLA the loss compiles once for every step: no op needs the step counter at compile time. (A strided
+    slice at the step-dependent phase, `schedule[p]`, did: every step was compiled anew, ~25x slower than graph
+    mode.) The HLO of two steps of different phases is the same."""
+    from cud_tf import interpolants
+    net_cfg = tiny()
+    tf.keras.utils.set_random_seed(0)
+    student, teacher, self_teacher = (VelocityUNet(net_cfg).build_variables() for _ in range(3))
+    nets = Nets(velocity=student, teacher=teacher, extra={"self_teacher": self_teacher})
+    batch = {"image": tf.zeros([2, 8, 8, 1]), "label": tf.zeros([2], tf.int32)}
+    cfg = tract.TractConfig(schedule=(4, 2, 1), steps_per_phase=2)
+
+    @tf.function(jit_compile=True)
+    def loss(step):
+        rng = interpolants.Rng(interpolants.fold_seed(0, step))
+        return tract.loss(nets, batch, rng, step, cfg).per_example["velocity"]
+
+    hlo = [loss.experimental_get_compiler_ir(tf.constant(k, tf.int64))(stage="hlo") for k in (0, 3)]
+    assert hlo[0] == hlo[1]
+
+
 @pytest.mark.parametrize("name", ["tract_mnist.cfg", "btd_mnist.cfg", "tract_cifar10.cfg"])
 def test_flagfiles_parse(name):
     with flagsaver.flagsaver():

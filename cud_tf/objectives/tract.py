@@ -97,6 +97,16 @@ def phase_of(step, cfg: TractConfig):
     return tf.cast(tf.minimum(p, cfg.num_phases - 1), tf.int32)
 
 
+def step_counts(p, cfg: TractConfig):
+    """(T_p, T_{p+1}) int32 scalars of phase p (int32 scalar tensor).
+
+    A gather, not `schedule[p]`: XLA needs a slice's bounds at compile time, so a strided slice at the phase made
+    the step counter, which the phase is computed from, a compile-time constant of the XLA step. The step was
+    then compiled anew on every call (~30 s a step on 2 CPU cores, ~25x slower than graph mode)."""
+    schedule = tf.constant(cfg.schedule, tf.int32)
+    return tf.gather(schedule, p), tf.gather(schedule, p + 1)
+
+
 def group_times(k, j, t_p, t_next):
     """Times of group k `[B]` (0..T_{p+1}-1) at offset j `[B]` (0..S-1), in teacher-grid units h = 1/T_p.
 
@@ -183,8 +193,7 @@ def loss(nets: Nets, batch, rng, step, cfg: TractConfig) -> LossOutput:
     x0 = batch["image"]
     b = tf.shape(x0)[0]
     p = phase_of(step, cfg)
-    schedule = tf.constant(cfg.schedule, tf.int32)
-    t_p, t_next = schedule[p], schedule[p + 1]
+    t_p, t_next = step_counts(p, cfg)
     s = t_p // t_next
     k = _randint(rng.uniform("group", b), t_next)
     j = draw_offsets(rng.uniform("offset", b), s, cfg.offsets)
