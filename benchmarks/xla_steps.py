@@ -1,0 +1,183 @@
+"""Graph mode against XLA for each kind of train step, and why two step kinds used to be slower under XLA.
+
+    python benchmarks/xla_steps.py --flagfile=configs/mnist_quick.cfg --out=runs/xla_steps.json
+
+Part 1, the cause (ops alone, batch 64 of 28x28x32): each op in a graph-mode tf.cond, in an XLA computation, and in
+an XLA computation whose tf.cond holds it. On CPU, XLA runs convolution *gradients* inside a conditional's branch
+far slower than the same gradients outside one (forward convolutions, matmuls and GroupNorm are not affected):
+DisBack's stage-2 step used to be one XLA computation holding the generator/fake-only cond, so its every step paid
+that. Its two kinds of step are now separate XLA computations chosen by a graph-mode cond
+(`cud_tf.models.disback.DisbackModel.losses_and_grads`). TRACT's XLA step recompiled on every call instead (the
+phase's step counts were a strided slice, whose bounds XLA must know at compile time; now a gather): part 2
+times it at steps of several phases, which is where a recompile would show.
+
+Part 2, the steps (the network and --global_batch_size of --flagfile; dropout off): the median seconds of a
+train step's losses and gradients (what `cud_tf.execution.choose_xla` times) in graph mode and under XLA for
+RF, CUD K=1, TRACT and DisBack (its generator and fake-only steps, and the old single-computation layout).
+Prints JSON and a markdown table.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from trainers import common, cud as cud_trainer  # noqa: E402  (the network flags, which --flagfile sets)
+
+FLAGS = flags.FLAGS
+cud_trainer.define_flags()
+flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).", lower_bound=1)
+flags.DEFINE_list("parts", ["ops", "steps"], "Which parts to run.")
+flags.DEFINE_boolean("old_disback", True, "Also time DisBack's old layout (the cond inside one XLA computation; "
+                     "~15 s a step on the quickstart net on 2 cores).")
+flags.DEFINE_string("out", "", "Write the JSON here too.")
+
+
+def fetch(out):
+    import tensorflow as tf
+    return tf.nest.map_structure(lambda x: x.numpy(), out)
+
+
+def median_seconds(fn, args_list, warmup=1):
+    """Median wall seconds of fn(*args) over args_list (results fetched), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fetch(fn(*args_list[0]))
+    times = []
+    for args in args_list:
+        t = time.perf_counter()
+        fetch(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ops_part():
+    """{op: {graph_cond, xla, xla_cond_inside}} seconds."""
+    import tensorflow as tf
+    x = tf.random.stateless_normal([64, 28, 28, 32], [0, 1])
+    w = tf.Variable(tf.random.stateless_normal([3, 3, 32, 32], [0, 2]))
+    strides, pad = [1, 1, 1, 1], "SAME"
+
+    def groupnorm(v):
+        h = tf.reshape(v, [64, 28, 28, 4, 8])
+        mean, var = tf.nn.moments(h, [1, 2, 4], keepdims=True)
+        return tf.reshape((h - mean) * tf.math.rsqrt(var + 1e-5), [64, 28, 28, 32])
+
+    def grad_of(f, weights=()):
+        def g(v):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                loss = tf.reduce_sum(tf.square(f(v)))
+            return tape.gradient(loss, [v, *weights])
+        return g
+
+    conv = lambda v: tf.nn.conv2d(v, w, 1, pad)  # noqa: E731
+    a = tf.random.stateless_normal([1024, 1024], [0, 3])
+    cases = {
+        "conv forward": (conv, x),
+        "Conv2DBackpropInput": (lambda v: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(v), filter=w, out_backprop=v, strides=strides, padding=pad), x),
+        "Conv2DBackpropFilter": (lambda v: tf.raw_ops.Conv2DBackpropFilter(
+            input=v, filter_sizes=tf.shape(w), out_backprop=v, strides=strides, padding=pad), x),
+        "conv forward + backward": (grad_of(conv, [w]), x),
+        "matmul 1024^2": (lambda v: tf.matmul(v, v), a),
+        "GroupNorm forward + backward": (grad_of(groupnorm), x),
+    }
+    p = tf.constant(True)
+    rows = {}
+    for name, (f, arg) in cases.items():
+        in_cond = lambda v, q, f=f: tf.cond(q, lambda: f(v), lambda: f(2.0 * v))  # noqa: E731
+        fns = {"graph_cond": tf.function(in_cond), "xla": tf.function(lambda v, q, f=f: f(v), jit_compile=True),
+               "xla_cond_inside": tf.function(in_cond, jit_compile=True)}
+        rows[name] = {k: median_seconds(fn, [(arg, p)] * FLAGS.steps) for k, fn in fns.items()}
+        print(json.dumps({name: rows[name]}), flush=True)
+    return rows
+
+
+def steps_part():
+    """{step kind: {graph, xla, ...}} seconds of one step's losses and gradients."""
+    import tensorflow as tf
+    from cud_tf.models.base import DiffusionModel, OptimConfig
+    from cud_tf.models.disback import DisbackModel
+    from cud_tf.models.tract import TractModel
+    from cud_tf.networks.unet import VelocityUNet
+    from cud_tf.objectives import OBJECTIVES, ObjectiveConfig, disback, tract
+
+    cfg = common.network_config((28, 28, 1), num_classes=0)
+    cfg = dataclasses.replace(cfg, dropout=0.0)
+    b = FLAGS.global_batch_size
+    batch = {"image": tf.random.stateless_uniform([b, 28, 28, 1], [0, 4], -1.0, 1.0), "label": tf.zeros([b], tf.int32)}
+    nets = lambda *names: [VelocityUNet(cfg, name=n).build_variables() for n in names]  # noqa: E731
+    optim = OptimConfig()
+    models = {
+        "rf": DiffusionModel(*nets("velocity"), OBJECTIVES["rf"], ObjectiveConfig(), optim, b),
+        "cud1": DiffusionModel(*nets("velocity"), OBJECTIVES["cud"], ObjectiveConfig(order=1), optim, b),
+        # steps_per_phase=2: the timed steps 0..5 span three phases (a recompile per phase or step would show).
+        "tract": TractModel(*nets("velocity", "teacher", "self"),
+                            tract.TractConfig(schedule=(64, 16, 4, 1), steps_per_phase=2), optim, b),
+    }
+    steps = [(batch, tf.constant(k, tf.int64), 0, 1) for k in range(FLAGS.steps + 1)]
+    rows = {}
+    for name, model in models.items():
+        rows[name] = {("xla" if xla else "graph"): median_seconds(
+            tf.function(model.objective_step(model.objective, xla=xla)), steps) for xla in (False, True)}
+        print(json.dumps({name: rows[name]}), flush=True)
+    gen_net, fake_net, target = nets("velocity", "fake", "target")
+    model = DisbackModel(gen_net, fake_net, target, disback.DisbackConfig(fake_updates_per_generator=5), optim, b)
+    gen_step = {xla: model.objective_step(disback.loss, xla=xla) for xla in (False, True)}
+    fake_step = {xla: model.objective_step(disback.fake_loss, xla=xla) for xla in (False, True)}
+    for kind, fns in (("disback generator step", gen_step), ("disback fake-only step", fake_step)):
+        rows[kind] = {("xla" if xla else "graph"): median_seconds(tf.function(fn), steps) for xla, fn in fns.items()}
+        print(json.dumps({kind: rows[kind]}), flush=True)
+    if FLAGS.old_disback:  # the fake-only branch is taken at steps 0..3: one XLA computation holding the cond
+        old = tf.function(lambda *a: tf.cond(model.is_generator_step(a[1]), lambda: gen_step[False](*a),
+                                             lambda: fake_step[False](*a)), jit_compile=True)
+        rows["disback fake-only step"]["xla_cond_inside"] = median_seconds(old, steps[:3])
+        print(json.dumps({"disback fake-only step": rows["disback fake-only step"]}), flush=True)
+    return rows
+
+
+def table(result):
+    lines = []
+    if "ops" in result:
+        lines += ["| op (batch 64, 28x28x32) | graph, in a cond | XLA | XLA, in a cond inside | slowdown |",
+                  "|---|---|---|---|---|"]
+        for name, r in result["ops"].items():
+            lines.append(f"| {name} | {r['graph_cond'] * 1e3:.1f} ms | {r['xla'] * 1e3:.1f} ms | "
+                         f"{r['xla_cond_inside'] * 1e3:.1f} ms | {r['xla_cond_inside'] / r['xla']:.1f}x |")
+        lines.append("")
+    if "steps" in result:
+        lines += [f"| step's losses and gradients (batch {FLAGS.global_batch_size}) | graph | XLA | XLA / graph | "
+                  "old layout (cond inside XLA) |", "|---|---|---|---|---|"]
+        for name, r in result["steps"].items():
+            old = f"{r['xla_cond_inside'] * 1e3:.0f} ms" if "xla_cond_inside" in r else "-"
+            lines.append(f"| {name} | {r['graph'] * 1e3:.0f} ms | {r['xla'] * 1e3:.0f} ms | "
+                         f"{r['xla'] / r['graph']:.2f} | {old} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}; every option is a --flag")
+    import tensorflow as tf
+    from cud_tf import precision
+    result = dict(machine=dict(precision.bf16_hardware(), tf=tf.__version__))
+    if "ops" in FLAGS.parts:
+        result["ops"] = ops_part()
+    if "steps" in FLAGS.parts:
+        result["steps"] = steps_part()
+    print(json.dumps(result, indent=1))
+    print(table(result))
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
