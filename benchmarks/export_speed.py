@@ -4,15 +4,22 @@
 quickstart-sized network of configs/mnist_quick.cfg with random weights: speed does not depend on the weights)
 to a temporary folder, reloads it with `tf.saved_model.load`, and times one-step (`serving_default`) and
 N-step (`generate`) sampling at each batch size beside the same computation as an in-process `tf.function`.
-Prints JSON and a markdown table: images/s per batch size, and the median latency of one call at batch 1.
+Prints JSON and a markdown table: images/s per batch size, the median latency of one call at batch 1, and at the
+largest batch the GFLOP/s this reaches (forward FLOPs counted from the graph, times NFE) as a fraction of the
+float32 matmul peak measured in the same process (the best of TF's and numpy's 2048^3 matmul, as
+benchmarks/speed.py).
 """
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402  (matmul_peak, blas_peak, graph_flops)
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +65,11 @@ def main(argv):
     cfg = export.ExportConfig(sampler=FLAGS.sampler, max_images=max(int(b) for b in FLAGS.batches),
                               max_steps=FLAGS.steps)
     shape = tuple(net.config.image_shape)
+    big = max(int(b) for b in FLAGS.batches)
+    peak = max(speed.matmul_peak(tf.float32), speed.blas_peak())  # GFLOP/s
+    z_big = tf.zeros([big, *shape])
+    forward = tf.function(lambda z: sampling.generate(net, z, 1, cfg.sampler, cfg.head))
+    flops_per_image = speed.graph_flops(forward.get_concrete_function(z_big)) / big  # one network call
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export(net, tmp, "bench", cfg)
         model = tf.saved_model.load(path)
@@ -80,6 +92,10 @@ def main(argv):
                            lambda: generate_ip(seed, n, s).numpy()]
                 for row, times in zip(pair, timed(fns)):
                     row[f"images_per_s_b{b}"] = round(b * len(times) / sum(times), 1)
+                    if b == big:
+                        gflops = row[f"images_per_s_b{b}"] * row["nfe"] * flops_per_image / 1e9
+                        row[f"gflops_per_s_b{b}"] = round(gflops, 1)
+                        row[f"fraction_of_fp32_peak_b{b}"] = round(gflops / peak, 3)
                     if b == 1:
                         row["latency_ms_b1"] = round(1e3 * statistics.median(times), 2)
             rows += pair
@@ -87,16 +103,18 @@ def main(argv):
     params = sum(int(tf.size(v)) for v in net.trainable_variables)
     result = {"network": {"image_shape": list(shape), "params": params,
                           "run_dir": os.path.abspath(FLAGS.run_dir) if FLAGS.run_dir else None},
-              "tensorflow": tf.__version__, "cpu_threads": os.cpu_count(), "rows": rows}
+              "tensorflow": tf.__version__, "cpu_threads": os.cpu_count(), "flops_per_image": flops_per_image,
+              "fp32_peak_gflops_per_s": round(peak, 1), "rows": rows}
     print(json.dumps(result, indent=1))
     batches = [int(b) for b in FLAGS.batches]
     print("\n| sampler | NFE | where | " + " | ".join(f"images/s, batch {b}" for b in batches)
-          + " | latency, batch 1 |")
-    print("|---|---|---|" + "---|" * len(batches) + "---|")
+          + f" | latency, batch 1 | GFLOP/s, batch {big} | of the fp32 peak ({peak:.0f} GFLOP/s) |")
+    print("|---|---|---|" + "---|" * len(batches) + "---|---|---|")
     for r in rows:
         print(f"| {r['sampler']} | {r['nfe']} | {r['where']} | "
               + " | ".join(str(r[f"images_per_s_b{b}"]) for b in batches)
-              + (f" | {r['latency_ms_b1']} ms |" if "latency_ms_b1" in r else " | - |"))
+              + (f" | {r['latency_ms_b1']} ms" if "latency_ms_b1" in r else " | -")
+              + f" | {r[f'gflops_per_s_b{big}']} | {100 * r[f'fraction_of_fp32_peak_b{big}']:.0f}% |")
 
 
 if __name__ == "__main__":

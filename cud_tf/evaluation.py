@@ -217,6 +217,13 @@ def load_classifier(mcfg: MetricConfig, dataset, data_dir, image_shape, log=prin
     return clf
 
 
+def evaluated_weights(weights: str, run_config: dict) -> str:
+    """What `weights` ("ema" or "train") of a run hold: "train", "ema", or, where the run keeps its raw network in
+    the EMA slots (the one-step stage's and DisBack's `eval_weights`: "student", "generator"), that name."""
+    held = run_config.get("eval_weights", "ema")
+    return held if weights == "ema" else weights
+
+
 def run_dataset(loaded: run_dir_lib.LoadedRun, data_dir=None):
     """(tfds name, data dir) the run was trained on (cud_tf.run_dir.data_location); `data_dir` overrides the
     run's."""
@@ -327,7 +334,8 @@ def sample_and_score(loaded: run_dir_lib.LoadedRun, cfg: EvalConfig, metric, cla
         grids[w] = grid_rows
 
     result = dict(run_dir=os.path.abspath(loaded.run_dir), checkpoint=loaded.checkpoint, step=loaded.step,
-                  weights=cfg.weights, metric=metric.name, metric_id=metric_id, feature_dim=metric.dim,
+                  weights=cfg.weights, evaluated_weights=evaluated_weights(cfg.weights, loaded.run_config),
+                  metric=metric.name, metric_id=metric_id, feature_dim=metric.dim,
                   reference=getattr(metric, "reference_info", dict(n=metric.reference.n)), sampler=method, head=head,
                   num_samples=n, eval_seed=seed, conditional=conditional, rows=rows, jit_compile=execution_info,
                   seconds=time.perf_counter() - t_total)
@@ -393,7 +401,8 @@ def markdown_table(result):
     head = ["sampler", *(["guidance"] if cond else []), "NFE", result["metric"], "samples",
             *(["class accuracy"] if acc else []), "seconds"]
     ref = result.get("reference", {})
-    lines = [(f"{result['run_dir']} (step {result['step']}, {result['weights']} weights, head {result['head']}, "
+    weights = result.get("evaluated_weights", result["weights"])  # results written before it was recorded
+    lines = [(f"{result['run_dir']} (step {result['step']}, {weights} weights, head {result['head']}, "
               f"{result['num_samples']} samples; reference: {ref.get('n') or 'unknown'} real images)"), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:

@@ -51,6 +51,7 @@ def test_evaluate_end_to_end(tiny_run, classifier_dir, tmp_path):
     assert stored == json.loads(json.dumps(result))
     assert stored["metric"] == "FD (MNIST classifier)" and stored["conditional"] and stored["step"] == 2
     assert stored["feature_dim"] == 128 and stored["reference"]["n"] == 10000
+    assert stored["weights"] == stored["evaluated_weights"] == "ema"  # a CUD run: its EMA slots hold its EMA
     # Heun is NFE-matched (2N - 1): NFE 2 needs as many steps as NFE 1, so it is evaluated once.
     assert [(r["solver"], r["guidance_scale"], r["nfe"]) for r in stored["rows"] if r["solver"] == "heun"] == [
         ("heun", 1.0, 1), ("heun", 1.0, 3), ("heun", 2.0, 1), ("heun", 2.0, 3)]
@@ -61,6 +62,7 @@ def test_evaluate_end_to_end(tiny_run, classifier_dir, tmp_path):
         assert r["num_samples"] == 130
     table = open(os.path.join(out_dir, "eval_heun_head2.md")).read()
     assert "| sampler | guidance | NFE | FD (MNIST classifier) | samples | class accuracy |" in table
+    assert "(step 2, ema weights, head 2, 130 samples" in table
     assert "| heun | 2 | 3 |" in table and "FID" not in table
     assert all(" | 130 | " in line for line in table.splitlines() if line.startswith(("| heun", "| rk45")))
     for name in ("eval_heun_head2.png", "samples_heun_head2_w1.png", "samples_heun_head2_w2.png"):
@@ -179,3 +181,12 @@ def test_in_training_evaluation_writes_fd_scalars(mnist_data_dir, classifier_dir
     with pytest.raises(evaluation.EvalError, match="129"):  # too few samples for the metric: refused up front
         evaluation.TrainingEvaluation(model, str(tmp_path), (28, 28, 1), "mnist_offline", mnist_data_dir, 2,
                                       evaluation.EvalConfig(nfes=(1,), num_samples=50), metric)
+
+
+def test_evaluated_weights_name_what_the_ema_slots_hold():
+    """A one-step or DisBack run that evaluates its raw network keeps it in the EMA slots: the result says so."""
+    assert evaluation.evaluated_weights("ema", {}) == "ema"  # a CUD, RF or TRACT run
+    assert evaluation.evaluated_weights("ema", {"eval_weights": "generator"}) == "generator"
+    assert evaluation.evaluated_weights("ema", {"eval_weights": "student"}) == "student"
+    assert evaluation.evaluated_weights("ema", {"eval_weights": "ema"}) == "ema"
+    assert evaluation.evaluated_weights("train", {"eval_weights": "generator"}) == "train"
