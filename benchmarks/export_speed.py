@@ -67,14 +67,12 @@ def main(argv):
     shape = tuple(net.config.image_shape)
     big = max(int(b) for b in FLAGS.batches)
     peak = max(speed.matmul_peak(tf.float32), speed.blas_peak())  # GFLOP/s
-    z_big = tf.zeros([big, *shape])
-    forward = tf.function(lambda z: sampling.generate(net, z, 1, cfg.sampler, cfg.head))
-    flops_per_image = speed.graph_flops(forward.get_concrete_function(z_big)) / big  # one network call
+    one_step_ip = tf.function(lambda z: sampling.generate(net, z, 1, cfg.sampler, cfg.head))
+    flops_per_image = speed.graph_flops(one_step_ip.get_concrete_function(tf.zeros([big, *shape]))) / big
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export(net, tmp, "bench", cfg)
         model = tf.saved_model.load(path)
         one_step_sm, generate_sm = model.signatures["serving_default"], model.signatures["generate"]
-        one_step_ip = tf.function(lambda z: sampling.generate(net, z, 1, cfg.sampler, cfg.head))
         generate_ip = tf.function(lambda seed, n, steps: sampling.generate(
             net, export.noise(seed, n, shape), steps, cfg.sampler, cfg.head))
 

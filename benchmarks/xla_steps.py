@@ -19,9 +19,7 @@ Prints JSON and a markdown table.
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -39,21 +37,12 @@ flags.DEFINE_boolean("old_disback", True, "Also time DisBack's old layout (the c
 flags.DEFINE_string("out", "", "Write the JSON here too.")
 
 
-def fetch(out):
-    import tensorflow as tf
-    return tf.nest.map_structure(lambda x: x.numpy(), out)
-
-
-def median_seconds(fn, args_list, warmup=1):
-    """Median wall seconds of fn(*args) over args_list (results fetched), after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fetch(fn(*args_list[0]))
-    times = []
-    for args in args_list:
-        t = time.perf_counter()
-        fetch(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def median_seconds(fn, args_list):
+    """Median wall seconds of fn(*args) (results fetched) over args_list[1:], after an untimed call on
+    args_list[0] (tracing, XLA compilation)."""
+    from cud_tf import execution
+    calls = iter(args_list)
+    return execution.median_seconds(lambda: fn(*next(calls)), steps=len(args_list) - 1, warmup=1)
 
 
 def ops_part():
@@ -94,7 +83,7 @@ def ops_part():
         in_cond = lambda v, q, f=f: tf.cond(q, lambda: f(v), lambda: f(2.0 * v))  # noqa: E731
         fns = {"graph_cond": tf.function(in_cond), "xla": tf.function(lambda v, q, f=f: f(v), jit_compile=True),
                "xla_cond_inside": tf.function(in_cond, jit_compile=True)}
-        rows[name] = {k: median_seconds(fn, [(arg, p)] * FLAGS.steps) for k, fn in fns.items()}
+        rows[name] = {k: median_seconds(fn, [(arg, p)] * (FLAGS.steps + 1)) for k, fn in fns.items()}
         print(json.dumps({name: rows[name]}), flush=True)
     return rows
 
@@ -117,7 +106,7 @@ def steps_part():
     models = {
         "rf": DiffusionModel(*nets("velocity"), OBJECTIVES["rf"], ObjectiveConfig(), optim, b),
         "cud1": DiffusionModel(*nets("velocity"), OBJECTIVES["cud"], ObjectiveConfig(order=1), optim, b),
-        # steps_per_phase=2: the timed steps 0..5 span three phases (a recompile per phase or step would show).
+        # steps_per_phase=2: the timed steps 1..5 span three phases (a recompile per phase or step would show).
         "tract": TractModel(*nets("velocity", "teacher", "self"),
                             tract.TractConfig(schedule=(64, 16, 4, 1), steps_per_phase=2), optim, b),
     }
@@ -134,7 +123,7 @@ def steps_part():
     for kind, fns in (("disback generator step", gen_step), ("disback fake-only step", fake_step)):
         rows[kind] = {("xla" if xla else "graph"): median_seconds(tf.function(fn), steps) for xla, fn in fns.items()}
         print(json.dumps({kind: rows[kind]}), flush=True)
-    if FLAGS.old_disback:  # the fake-only branch is taken at steps 0..3: one XLA computation holding the cond
+    if FLAGS.old_disback:  # steps 0..2 take the fake-only branch: one XLA computation holding the cond
         old = tf.function(lambda *a: tf.cond(model.is_generator_step(a[1]), lambda: gen_step[False](*a),
                                              lambda: fake_step[False](*a)), jit_compile=True)
         rows["disback fake-only step"]["xla_cond_inside"] = median_seconds(old, steps[:3])

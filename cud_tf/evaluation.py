@@ -401,9 +401,9 @@ def markdown_table(result):
     head = ["sampler", *(["guidance"] if cond else []), "NFE", result["metric"], "samples",
             *(["class accuracy"] if acc else []), "seconds"]
     ref = result.get("reference", {})
-    weights = result.get("evaluated_weights", result["weights"])  # results written before it was recorded
-    lines = [(f"{result['run_dir']} (step {result['step']}, {weights} weights, head {result['head']}, "
-              f"{result['num_samples']} samples; reference: {ref.get('n') or 'unknown'} real images)"), "",
+    lines = [(f"{result['run_dir']} (step {result['step']}, {result['evaluated_weights']} weights, "
+              f"head {result['head']}, {result['num_samples']} samples; reference: {ref.get('n') or 'unknown'} "
+              "real images)"), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["solver"], *([f"{r['guidance_scale']:g}"] if cond else []), f"{r['nfe']:g}", f"{r['distance']:.3f}",
