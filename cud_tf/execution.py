@@ -2,10 +2,10 @@
 faster depends on the network, the step and the machine (on one 2-core CPU XLA was 1.4x faster for the
 quickstart network and 1.5x slower for the MNIST paper network; TRACT's step ran 20x slower under it).
 
-`choose_xla` times a few steps of each after a warm-up, on the run's own first batch, and caches the choice per
-network, objective, per-replica batch, device and TensorFlow version, so that later runs pay nothing. Timing
-computes gradients only: no weight, optimizer slot or step changes, and the dropout RNG state is put back, so
-the training that follows does not depend on the measurement (beyond XLA's own random stream).
+`choose_xla` times a few steps of each after a warm-up, in alternation, on the run's own first batch, and caches
+the choice per network, objective, per-replica batch, device and TensorFlow version, so that later runs pay
+nothing. Timing computes gradients only: no weight, optimizer slot or step changes, and the dropout RNG state is
+put back, so the training that follows does not depend on the measurement (beyond XLA's own random stream).
 `choose_sampler_xla` does the same for the evaluator's sampler (step kind "sample"): a one-step call of each
 compiled sampler on the evaluation batch, cached per network, sampler, batch, device, precision and TF version.
 """
@@ -19,6 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from cud_tf import run_dir
+
+
+# Part of every training choice's cache key: version 1 timed graph mode on the metrics alone (the gradients pruned),
+# so its cached choices leaned to graph mode and are measured again.
+PROBE_VERSION = 2
 
 
 def cache_path(name="xla_choice.json"):
@@ -66,23 +71,36 @@ def device_name() -> str:
 
 def cache_key(model, batch_shape) -> str:
     """sha256 of what decides the speed: networks, objective and its config, per-replica batch, device, TF."""
-    parts = dict(network=run_dir.to_json(model.net.config), encoder=model.encoder is not None,
+    parts = dict(probe=PROBE_VERSION, network=run_dir.to_json(model.net.config), encoder=model.encoder is not None,
                  extra=sorted(model.extra_nets), objective=f"{model.objective.__module__}.{model.objective.__name__}",
                  config=run_dir.to_json(model.objective_cfg), batch=list(batch_shape), device=device_name(),
                  tensorflow=tf.__version__, precision=tf.keras.mixed_precision.global_policy().name)
     return digest(parts)
 
 
+def _fetch(result):
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+
+
+def interleaved_seconds(fns: dict, steps, warmup) -> dict:
+    """{name: median wall seconds of fns[name]()} (tensors fetched) over `steps` rounds after `warmup` rounds; a
+    round calls every function once, in turn, so that a slow spell of a shared machine weighs on each alike
+    (timing one after the other lets such a spell decide a choice)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            _fetch(fn())
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            _fetch(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def median_seconds(fn, steps, warmup):
     """Median wall seconds of `fn()` (its tensors fetched) over `steps` calls after `warmup` calls."""
-    for _ in range(warmup):
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return interleaved_seconds({0: fn}, steps, warmup)[0]
 
 
 def _measured_choice(seconds):
@@ -91,9 +109,10 @@ def _measured_choice(seconds):
                 device=device_name(), tensorflow=tf.__version__)
 
 
-def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log=print) -> dict:
-    """Sets `model.xla` to the faster mode for `model.objective` on `dist_batch` (one element of the run's
-    distributed dataset) and returns {"xla", "source": "cache" | "measured", "graph_s", "xla_s", "key"}."""
+def choose_xla(model, strategy, dist_batch, steps: int = 5, warmup: int = 2, log=print) -> dict:
+    """Sets `model.xla` to the faster mode for the model's steps (`model.step_kinds()`, weighted by how often each
+    runs) on `dist_batch` (one element of the run's distributed dataset) and returns {"xla", "source": "cache" |
+    "measured", "graph_s", "xla_s", "key"}."""
     first = strategy.experimental_local_results(dist_batch)[0]
     batch_shape = tf.nest.flatten(first)[0].shape
     key = cache_key(model, batch_shape)
@@ -102,19 +121,27 @@ def choose_xla(model, strategy, dist_batch, steps: int = 3, warmup: int = 2, log
         model.xla = bool(hit["xla"])
         return dict(hit, source="cache", key=key)
     state = [(v, tf.identity(v)) for v in model.non_trainable_variables]  # dropout RNG state among them
-    seconds = {}
-    for xla in (False, True):
-        step_fn = model.objective_step(model.objective, xla=xla)
+
+    def losses_and_grads(objective, xla):
+        step_fn = model.objective_step(objective, xla=xla)
 
         @tf.function
-        def losses_and_grads(batch, step_fn=step_fn):
+        def run(batch, step):
             def replica(b):
                 ctx = tf.distribute.get_replica_context()
-                return step_fn(b, tf.constant(0, tf.int64), tf.cast(ctx.replica_id_in_sync_group, tf.int32),
-                               ctx.num_replicas_in_sync)[0]
+                return step_fn(b, step, tf.cast(ctx.replica_id_in_sync_group, tf.int32), ctx.num_replicas_in_sync)
             return strategy.run(replica, args=(batch,))
+        # Metrics and gradients are both fetched and the step is an input, as in training: graph mode would prune
+        # the gradients of a function that returns the metrics alone, and fold the draws made from a constant step
+        # (seeds, noise, times) into constants, while an XLA computation computes all of its outputs from inputs.
+        step = tf.constant(0, tf.int64)
+        return lambda: run(dist_batch, step)
 
-        seconds[xla] = median_seconds(lambda: losses_and_grads(dist_batch), steps, warmup)
+    kinds = model.step_kinds()  # a step's time: the weighted mean over the kinds of step the model takes
+    times = interleaved_seconds({(xla, k): losses_and_grads(objective, xla) for xla in (False, True)
+                                 for k, (objective, _) in enumerate(kinds)}, steps, warmup)
+    seconds = {xla: sum(w * times[xla, k] for k, (_, w) in enumerate(kinds)) / sum(w for _, w in kinds)
+               for xla in (False, True)}
     for v, value in state:
         v.assign(value)
     choice = _measured_choice(seconds)
@@ -140,7 +167,7 @@ def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps:
     if hit is not None:
         return make_sampler(bool(hit["xla"])), dict(hit, source="cache", key=key)
     fns = {xla: make_sampler(xla) for xla in (False, True)}
-    seconds = {xla: median_seconds(lambda fn=fn: fn(*args), steps, warmup) for xla, fn in fns.items()}
+    seconds = interleaved_seconds({xla: lambda fn=fn: fn(*args) for xla, fn in fns.items()}, steps, warmup)
     choice = _measured_choice(seconds)
     store(key, choice, log=log)
     return fns[choice["xla"]], dict(choice, source="measured", key=key)

@@ -10,6 +10,7 @@ from absl.testing import flagsaver
 
 from helpers import ROOT, read_checkpoint_weights, tiny
 from cud_tf import disback_path as disback
+from cud_tf import execution
 from cud_tf.models.base import OptimConfig, clone_network, ema_variables
 from cud_tf.models.disback import DisbackModel
 from cud_tf.networks.unet import VelocityUNet
@@ -210,6 +211,30 @@ def test_generator_updates_every_kth_step_fake_every_step_in_one_trace(tmp_path)
         np.testing.assert_array_equal(avg.numpy(), raw.numpy())
     for shown, raw in zip(model.ema_net.get_weights(), generator.get_weights(), strict=True):
         np.testing.assert_array_equal(shown, raw)
+
+
+@pytest.mark.parametrize("ratio,expected_xla", [(1, False), (5, True)])
+def test_xla_probe_weighs_the_step_kinds_by_how_often_they_run(tmp_path, monkeypatch, ratio, expected_xla):
+    """--jit_compile unset times a generator step and, with a ratio k > 1, a fake-only step, and weighs them
+    1 : k - 1: here the generator step is faster in graph mode and the fake-only step under XLA."""
+    monkeypatch.setenv("CUD_TF_CACHE", str(tmp_path))
+    seconds = {(False, 0): 1.0, (True, 0): 2.0, (False, 1): 1.0, (True, 1): 0.5}
+    timed = []
+
+    def fake_timer(fns, steps, warmup):
+        timed.append(sorted(fns))
+        return {k: seconds[k] for k in fns}
+
+    monkeypatch.setattr(execution, "interleaved_seconds", fake_timer)
+    model = DisbackModel(*tiny_nets(["velocity", "fake", "target"]),
+                         objective.DisbackConfig(fake_updates_per_generator=ratio), OptimConfig(), global_batch_size=4)
+    assert model.step_kinds() == [(objective.loss, 1)] + ([(objective.fake_loss, ratio - 1)] if ratio > 1 else [])
+    batch = {"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int32)}
+    choice = execution.choose_xla(model, tf.distribute.get_strategy(), batch, log=lambda _: None)
+    assert timed == [[(False, 0), (True, 0)] if ratio == 1 else [(False, 0), (False, 1), (True, 0), (True, 1)]]
+    mean = lambda xla: (seconds[xla, 0] + (ratio - 1) * seconds.get((xla, 1), 0)) / ratio  # noqa: E731
+    assert choice["xla"] is expected_xla and model.xla is expected_xla
+    assert (choice["graph_s"], choice["xla_s"]) == (mean(False), mean(True))
 
 
 def test_eval_weights_ema_keeps_the_generator_ema_decay():

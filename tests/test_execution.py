@@ -52,14 +52,16 @@ def no_sampling(monkeypatch, tmp_path):
 
 
 def timings(monkeypatch, *seconds):
-    """Stands in for the timer: graph mode, then XLA, take `seconds`; records the functions it was given."""
+    """Stands in for the timer: graph mode, then XLA, take `seconds` (two per measurement); records the functions it
+    was given."""
     given = []
 
-    def fake(fn, steps, warmup):
-        given.append(fn)
-        return seconds[len(given) - 1]
+    def fake(fns, steps, warmup):
+        assert list(fns) == [False, True]  # {xla: fn}, timed side by side
+        given.extend(fns.values())
+        return dict(zip(fns, seconds[len(given) - 2:len(given)]))
 
-    monkeypatch.setattr(execution, "median_seconds", fake)
+    monkeypatch.setattr(execution, "interleaved_seconds", fake)
     return given
 
 
@@ -79,7 +81,7 @@ def test_unset_jit_compile_is_measured_once_then_read_from_the_cache(loaded, no_
         f"images: graph {graph_s * 1e3:.0f} ms, XLA {xla_s * 1e3:.0f} ms); pass --jit_compile or --nojit_compile "
         "to choose"]
 
-    monkeypatch.setattr(execution, "median_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(execution, "interleaved_seconds", lambda *a: pytest.fail("measured again"))
     again = sample(loaded, None, [])
     assert again["jit_compile"]["source"] == "cache" and again["jit_compile"]["xla"] == choice["xla"]
     assert again["jit_compile"]["key"] == choice["key"]
@@ -98,7 +100,7 @@ def test_the_sample_step_kind_has_its_own_key(loaded, no_sampling, monkeypatch):
 def test_an_explicit_jit_compile_wins_over_the_cache_without_timing(loaded, no_sampling, monkeypatch, jit):
     timings(monkeypatch, 2.0, 1.0) if not jit else timings(monkeypatch, 1.0, 2.0)
     assert sample(loaded, None, [])["jit_compile"]["xla"] == (not jit)  # the cache now says the opposite
-    monkeypatch.setattr(execution, "median_seconds", lambda *a: pytest.fail("timed despite the flag"))
+    monkeypatch.setattr(execution, "interleaved_seconds", lambda *a: pytest.fail("timed despite the flag"))
     lines = []
     result = sample(loaded, jit, lines)
     assert result["jit_compile"] == dict(xla=jit, source="flag")
@@ -127,3 +129,13 @@ def test_evaluate_flag_defaults_to_measured():
         assert FLAGS.jit_compile is None and evaluate.eval_config().jit_compile is None
         parse("--run_dir=r", "--nojit_compile", prog="trainers.evaluate")
         assert evaluate.eval_config().jit_compile is False
+
+
+def test_candidates_are_timed_in_alternation():
+    """A slow spell of a shared machine must weigh on every candidate alike: rounds of one call each, in turn."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or tf.constant(0.0)) for name in ("graph", "xla")}
+    seconds = execution.interleaved_seconds(fns, steps=3, warmup=1)
+    assert calls == ["graph", "xla"] * 4 and list(seconds) == ["graph", "xla"]
+    assert all(s >= 0 for s in seconds.values()) and execution.median_seconds(fns["xla"], 2, 0) >= 0
+    assert calls[8:] == ["xla", "xla"]

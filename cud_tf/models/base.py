@@ -235,6 +235,11 @@ class DiffusionModel(keras.Model):
         `objective_step(objective)` for each choice."""
         return self.objective_step(self.objective)(batch, step, replica_id, num_replicas)
 
+    def step_kinds(self):
+        """[(objective, weight)]: the objectives of this model's steps and how many steps in `sum(weights)` each
+        takes, which is what `cud_tf.execution.choose_xla` times (default: `self.objective` on every step)."""
+        return [(self.objective, 1)]
+
     def objective_step(self, objective, xla=None):
         """`(batch, step, replica_id, num_replicas) -> (metrics, grads)` for `objective`: one XLA computation
         per replica when `xla` (default: the model's choice, `self.xla`), built once per objective and mode."""

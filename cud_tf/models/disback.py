@@ -62,6 +62,11 @@ class DisbackModel(DiffusionModel):
         return tf.cond(self.is_generator_step(step), lambda: generator_step(batch, step, replica_id, num_replicas),
                        lambda: fake_step(batch, step, replica_id, num_replicas))
 
+    def step_kinds(self):
+        """One generator step per `fake_updates_per_generator` steps, fake-only steps the others."""
+        ratio = self.objective_cfg.fake_updates_per_generator
+        return [(disback.loss, 1)] + ([(disback.fake_loss, ratio - 1)] if ratio > 1 else [])
+
     def set_target(self, path, node: int) -> str:
         """Loads node `node` of `path` (a cud_tf.disback_path.DegradationPath) into the target network (verified
         against the manifest); returns its fingerprint."""
