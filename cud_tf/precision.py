@@ -66,15 +66,16 @@ def global_policy(name=None):
         keras.mixed_precision.set_global_policy(old)
 
 
-def forward_backward_seconds(net_cfg, batch_shape, policy, steps=3, warmup=2) -> float:
-    """Median seconds of one forward and backward pass of a fresh network `net_cfg` under Keras policy `policy`
-    on a random batch `batch_shape` `[B, H, W, C]` (the global policy is restored afterwards)."""
+def forward_backward_step(net_cfg, batch_shape, policy):
+    """A tf.function of one forward and backward pass of a fresh network `net_cfg` on a random batch `batch_shape`
+    `[B, H, W, C]`, built and traced under Keras policy `policy` (so it computes in that precision whatever the
+    global policy is when it runs); returns (loss, gradients)."""
+    b = batch_shape[0]
+    x = tf.random.stateless_normal(batch_shape, seed=[0, 1])
+    t = tf.random.stateless_uniform([b], seed=[0, 2])
+    y = tf.zeros([b], tf.int32) if net_cfg.num_classes else None
     with global_policy(policy):
         net = VelocityUNet(net_cfg, name="precision_probe").build_variables()
-        b = batch_shape[0]
-        x = tf.random.stateless_normal(batch_shape, seed=[0, 1])
-        t = tf.random.stateless_uniform([b], seed=[0, 2])
-        y = tf.zeros([b], tf.int32) if net_cfg.num_classes else None
 
         @tf.function
         def step():
@@ -83,10 +84,18 @@ def forward_backward_seconds(net_cfg, batch_shape, policy, steps=3, warmup=2) ->
                 loss = tf.reduce_mean(tf.square(v - x))
             return loss, tape.gradient(loss, net.trainable_variables)
 
-        return execution.median_seconds(step, steps, warmup)
+        step.get_concrete_function()
+    return step
 
 
-def choose_precision(net_cfg, batch_shape, steps: int = 3, warmup: int = 2, hardware=None, log=print) -> dict:
+def forward_backward_seconds(net_cfg, batch_shape, policies, steps=3, warmup=2) -> dict:
+    """{policy: median seconds} of `forward_backward_step` under each Keras policy in `policies`, the policies
+    timed in alternation (`execution.interleaved_seconds`); the global policy is left as it was."""
+    steps_by_policy = {p: forward_backward_step(net_cfg, batch_shape, p) for p in policies}
+    return execution.interleaved_seconds(steps_by_policy, steps, warmup)
+
+
+def choose_precision(net_cfg, batch_shape, steps: int = 5, warmup: int = 2, hardware=None, log=print) -> dict:
     """The faster of float32 and mixed_bfloat16 for `net_cfg` at per-replica batch `batch_shape`.
 
     Returns {"precision", "source": "no bf16 hardware" | "cache" | "measured", "hardware", and when timed
@@ -98,7 +107,7 @@ def choose_precision(net_cfg, batch_shape, steps: int = 3, warmup: int = 2, hard
     hit = execution.cached(key, CACHE)
     if hit is not None:
         return dict(hit, source="cache", key=key)
-    seconds = {p: forward_backward_seconds(net_cfg, batch_shape, p, steps, warmup) for p in CANDIDATES}
+    seconds = forward_backward_seconds(net_cfg, batch_shape, CANDIDATES, steps, warmup)
     choice = dict(precision=min(CANDIDATES, key=seconds.get), hardware=hardware,
                   **{f"{p}_s": s for p, s in seconds.items()})
     execution.store(key, choice, CACHE, log)

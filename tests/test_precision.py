@@ -55,9 +55,9 @@ def test_without_bf16_hardware_auto_is_float32_without_timing(monkeypatch):
 def test_bf16_hardware_takes_the_faster_policy_once_then_the_cache(monkeypatch, f32_s, bf16_s, expected):
     timed = []
 
-    def fake(net_cfg, batch_shape, policy, steps, warmup):
-        timed.append(policy)
-        return {"float32": f32_s, "mixed_bfloat16": bf16_s}[policy]
+    def fake(net_cfg, batch_shape, policies, steps, warmup):
+        timed.extend(policies)
+        return {p: {"float32": f32_s, "mixed_bfloat16": bf16_s}[p] for p in policies}
 
     monkeypatch.setattr(precision, "forward_backward_seconds", fake)
     cfg = tiny_unet_config()
@@ -85,9 +85,16 @@ def test_forward_backward_timing_runs_under_its_policy_and_restores_the_global_o
         return real_build(self)
 
     monkeypatch.setattr(VelocityUNet, "build_variables", build)
-    assert precision.forward_backward_seconds(tiny_unet_config(), [2, 8, 8, 1], "mixed_bfloat16", steps=1,
-                                              warmup=0) > 0
-    assert policies == ["mixed_bfloat16"] and keras.mixed_precision.global_policy().name == before
+    seconds = precision.forward_backward_seconds(tiny_unet_config(), [2, 8, 8, 1], ("float32", "mixed_bfloat16"),
+                                                 steps=1, warmup=0)
+    assert list(seconds) == ["float32", "mixed_bfloat16"] and min(seconds.values()) > 0
+    assert policies == ["float32", "mixed_bfloat16"] and keras.mixed_precision.global_policy().name == before
+    # Traced under its policy: the bf16 step's convolutions run in bf16 though the global policy is not bf16 now.
+    def conv_dtypes(policy):
+        step = precision.forward_backward_step(tiny_unet_config(), [2, 8, 8, 1], policy)
+        return {op.get_attr("T") for op in step.get_concrete_function().graph.get_operations() if op.type == "Conv2D"}
+
+    assert tf.bfloat16 in conv_dtypes("mixed_bfloat16") and conv_dtypes("float32") == {tf.float32}
 
 
 def test_this_machine_has_bf16_or_not_by_its_own_flags():
