@@ -13,7 +13,9 @@ times it at steps of several phases, which is where a recompile would show.
 
 Part 2, the steps (the network and --global_batch_size of --flagfile; dropout off): the median seconds of a
 train step's losses and gradients (what `cud_tf.execution.choose_xla` times) in graph mode and under XLA for
-RF, CUD K=1, TRACT and DisBack (its generator and fake-only steps, and the old single-computation layout).
+RF, CUD K=1, TRACT and DisBack (its generator and fake-only steps, and the old single-computation layout), and
+what the default (`--jit_compile` unset) picks: `cud_tf.execution.choose_xla`, the trainers' own probe, run
+--probes times on an empty cache, with the time of its worst pick over the better mode's ("default / best").
 Prints JSON and a markdown table.
 """
 import dataclasses
@@ -34,15 +36,18 @@ flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is rep
 flags.DEFINE_list("parts", ["ops", "steps"], "Which parts to run.")
 flags.DEFINE_boolean("old_disback", True, "Also time DisBack's old layout (the cond inside one XLA computation; "
                      "~15 s a step on the quickstart net on 2 cores).")
+flags.DEFINE_integer("probes", 3, "Runs of the default's probe per step kind, each on an empty cache (0: none).",
+                     lower_bound=0)
 flags.DEFINE_string("out", "", "Write the JSON here too.")
 
 
-def median_seconds(fn, args_list):
-    """Median wall seconds of fn(*args) (results fetched) over args_list[1:], after an untimed call on
-    args_list[0] (tracing, XLA compilation)."""
+def side_by_side(fns, args_list):
+    """{name: median wall seconds of fns[name](*args)} (results fetched) over args_list[1:], after an untimed call
+    on args_list[0] (tracing, XLA compilation); the functions are called in turn for each args
+    (`cud_tf.execution.interleaved_seconds`), so a change of machine load weighs on each alike."""
     from cud_tf import execution
-    calls = iter(args_list)
-    return execution.median_seconds(lambda: fn(*next(calls)), steps=len(args_list) - 1, warmup=1)
+    calls = {name: (lambda fn=fn, it=iter(args_list): fn(*next(it))) for name, fn in fns.items()}
+    return execution.interleaved_seconds(calls, steps=len(args_list) - 1, warmup=1)
 
 
 def ops_part():
@@ -83,9 +88,39 @@ def ops_part():
         in_cond = lambda v, q, f=f: tf.cond(q, lambda: f(v), lambda: f(2.0 * v))  # noqa: E731
         fns = {"graph_cond": tf.function(in_cond), "xla": tf.function(lambda v, q, f=f: f(v), jit_compile=True),
                "xla_cond_inside": tf.function(in_cond, jit_compile=True)}
-        rows[name] = {k: median_seconds(fn, [(arg, p)] * (FLAGS.steps + 1)) for k, fn in fns.items()}
+        rows[name] = side_by_side(fns, [(arg, p)] * (FLAGS.steps + 1))
         print(json.dumps({name: rows[name]}), flush=True)
     return rows
+
+
+def default_picks(model, batch):
+    """[XLA on?] of --probes runs of what `--jit_compile` unset runs (`cud_tf.execution.choose_xla` on the default
+    strategy), each with an empty cache of choices."""
+    import tempfile
+
+    import tensorflow as tf
+    from cud_tf import execution
+    picks, before = [], os.environ.get("CUD_TF_CACHE")
+    strategy = tf.distribute.get_strategy()
+    try:
+        for _ in range(FLAGS.probes):
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["CUD_TF_CACHE"] = cache
+                picks.append(execution.choose_xla(model, strategy, batch, log=lambda _: None)["xla"])
+    finally:
+        if before is None:
+            os.environ.pop("CUD_TF_CACHE", None)
+        else:
+            os.environ["CUD_TF_CACHE"] = before
+    return picks
+
+
+def with_default(row, picks):
+    """Adds the default's picks and its worst pick's time over the better mode's to a {graph, xla} row."""
+    if picks:
+        worst = max(row["xla" if xla else "graph"] for xla in picks)
+        row.update(default_xla=picks, default_over_best=worst / min(row["graph"], row["xla"]))
+    return row
 
 
 def steps_part():
@@ -110,23 +145,31 @@ def steps_part():
         "tract": TractModel(*nets("velocity", "teacher", "self"),
                             tract.TractConfig(schedule=(64, 16, 4, 1), steps_per_phase=2), optim, b),
     }
-    steps = [(batch, tf.constant(k, tf.int64), 0, 1) for k in range(FLAGS.steps + 1)]
+    # The replica id is a tensor, as the train step passes it.
+    steps = [(batch, tf.constant(k, tf.int64), tf.constant(0), 1) for k in range(FLAGS.steps + 1)]
     rows = {}
     for name, model in models.items():
-        rows[name] = {("xla" if xla else "graph"): median_seconds(
-            tf.function(model.objective_step(model.objective, xla=xla)), steps) for xla in (False, True)}
+        fns = {("xla" if xla else "graph"): tf.function(model.objective_step(model.objective, xla=xla))
+               for xla in (False, True)}
+        rows[name] = with_default(side_by_side(fns, steps), default_picks(model, batch))
         print(json.dumps({name: rows[name]}), flush=True)
     gen_net, fake_net, target = nets("velocity", "fake", "target")
     model = DisbackModel(gen_net, fake_net, target, disback.DisbackConfig(fake_updates_per_generator=5), optim, b)
     gen_step = {xla: model.objective_step(disback.loss, xla=xla) for xla in (False, True)}
     fake_step = {xla: model.objective_step(disback.fake_loss, xla=xla) for xla in (False, True)}
+    picks = default_picks(model, batch)  # one choice for both kinds, from their mean weighted 1 : ratio - 1
     for kind, fns in (("disback generator step", gen_step), ("disback fake-only step", fake_step)):
-        rows[kind] = {("xla" if xla else "graph"): median_seconds(tf.function(fn), steps) for xla, fn in fns.items()}
+        rows[kind] = with_default(side_by_side({("xla" if xla else "graph"): tf.function(fn)
+                                                for xla, fn in fns.items()}, steps), picks)
         print(json.dumps({kind: rows[kind]}), flush=True)
+    ratio = model.objective_cfg.fake_updates_per_generator
+    rows[f"disback iteration (1 generator : {ratio - 1} fake-only)"] = with_default(
+        {mode: (rows["disback generator step"][mode] + (ratio - 1) * rows["disback fake-only step"][mode]) / ratio
+         for mode in ("graph", "xla")}, picks)
     if FLAGS.old_disback:  # steps 0..2 take the fake-only branch: one XLA computation holding the cond
         old = tf.function(lambda *a: tf.cond(model.is_generator_step(a[1]), lambda: gen_step[False](*a),
                                              lambda: fake_step[False](*a)), jit_compile=True)
-        rows["disback fake-only step"]["xla_cond_inside"] = median_seconds(old, steps[:3])
+        rows["disback fake-only step"]["xla_cond_inside"] = side_by_side({0: old}, steps[:3])[0]
         print(json.dumps({"disback fake-only step": rows["disback fake-only step"]}), flush=True)
     return rows
 
@@ -142,11 +185,15 @@ def table(result):
         lines.append("")
     if "steps" in result:
         lines += [f"| step's losses and gradients (batch {FLAGS.global_batch_size}) | graph | XLA | XLA / graph | "
-                  "old layout (cond inside XLA) |", "|---|---|---|---|---|"]
+                  "old layout (cond inside XLA) | default picks | default / best |", "|---|---|---|---|---|---|---|"]
         for name, r in result["steps"].items():
             old = f"{r['xla_cond_inside'] * 1e3:.0f} ms" if "xla_cond_inside" in r else "-"
+            picks = r.get("default_xla", [])
+            chosen = (f"XLA {sum(picks)}/{len(picks)}, graph {len(picks) - sum(picks)}/{len(picks)}" if picks
+                      else "-")
+            ratio = f"{r['default_over_best']:.3f}" if picks else "-"
             lines.append(f"| {name} | {r['graph'] * 1e3:.0f} ms | {r['xla'] * 1e3:.0f} ms | "
-                         f"{r['xla'] / r['graph']:.2f} | {old} |")
+                         f"{r['xla'] / r['graph']:.2f} | {old} | {chosen} | {ratio} |")
     return "\n".join(lines)
 
 
