@@ -1,9 +1,10 @@
 """Quality on MNIST against NFE: rectified flow vs CUD K=1,2,3 (same network, iterations, batch and seed), the
 one-step stage on the best CUD model, and the distillations of one teacher run (default CUD K=1): TRACT and
-binary time distillation with the same training images, DisBack and its path-off ablation with the same
-stage-2 iterations (plus DisBack's distance at NFE 1 against iterations for both, disback_curve.png). Every model
-is evaluated by `trainers.evaluate` with the same noise and sample count. Prints one table (and writes
-quality_mnist.json / .md in --out_dir):
+binary time distillation with the same training images, DisBack (the paper's schedule scaled to 2 cores,
+configs/disback_mnist_paper.cfg) and its path-off ablation with the same stage-2 iterations (plus DisBack's
+distance at NFE 1 against iterations for both, disback_curve.png, and the fake-target gap over each target
+node). Every model is evaluated by `trainers.evaluate` with the same noise and sample count. Prints one table
+(and writes quality_mnist.json / .md in --out_dir):
 
     python benchmarks/quality_mnist.py --out_dir=runs/quality_mnist
 
@@ -37,9 +38,12 @@ flags.DEFINE_integer("num_samples", 10000, "Generated images per model and NFE."
 flags.DEFINE_list("orders", ["1", "2", "3"], "CUD orders K to train.")
 flags.DEFINE_string("distill_teacher", "cud1", "Method whose run is the teacher of TRACT, BTD and DisBack "
                     "('' skips the distillations).")
-flags.DEFINE_integer("distill_steps", 600, "Training steps of TRACT and BTD, and stage-2 iterations of DisBack.",
-                     lower_bound=1)
-flags.DEFINE_integer("curve_every", 100, "DisBack iterations between the checkpoints of the distance curve.",
+flags.DEFINE_integer("distill_steps", 600, "Training steps of TRACT and BTD.", lower_bound=1)
+flags.DEFINE_string("disback_flagfile", "configs/disback_mnist_paper.cfg", "DisBack's schedule (nodes, iterations "
+                    "per node, update ratio, learning rates) for both DisBack rows; the path-off row changes only "
+                    "--disback_path.")
+flags.DEFINE_integer("disback_steps", 2000, "Stage-2 iterations of both DisBack runs.", lower_bound=1)
+flags.DEFINE_integer("curve_every", 250, "DisBack iterations between the checkpoints of the distance curve.",
                      lower_bound=1)
 flags.DEFINE_integer("curve_samples", 1000, "Samples per point of the DisBack curve.", lower_bound=2)
 flags.DEFINE_multi_string("train_flag", [], "An extra flag for every trainer (repeatable), e.g. "
@@ -98,10 +102,21 @@ def evaluate(run_dir, head, nfes=None, checkpoint=None, out_dir=None, num_sample
         return json.load(f)
 
 
+def tb_scalars(tb_dir, tag):
+    """{step: value} of one scalar tag in the TensorBoard event files of `tb_dir`."""
+    import tensorflow as tf
+    out = {}
+    for events in sorted(tf.io.gfile.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+        for e in tf.compat.v1.train.summary_iterator(events):
+            for v in e.summary.value:
+                if v.tag == tag:
+                    out[e.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
 def train_seconds(run_dir):
     """Training time of a run, summed over its stages, from its TensorBoard `images_per_sec` scalars (each covers
     the steps since the previous one): resumes and pauses between them do not count, nor does start-up."""
-    import tensorflow as tf
     batch = FLAGS.global_batch_size
     with open(os.path.join(run_dir, "flags.txt")) as f:
         for line in f:
@@ -109,17 +124,31 @@ def train_seconds(run_dir):
                 batch = int(line.split("=", 1)[1])
     total = 0.0
     for tb in (os.path.join(run_dir, "tb"), os.path.join(run_dir, "degradation", "tb")):
-        speed = {}
-        for events in sorted(tf.io.gfile.glob(os.path.join(tb, "events.out.tfevents.*"))):
-            for e in tf.compat.v1.train.summary_iterator(events):
-                for v in e.summary.value:
-                    if v.tag == "images_per_sec":
-                        speed[e.step] = float(tf.make_ndarray(v.tensor))
+        speed = tb_scalars(tb, "images_per_sec")
         previous = 0
         for step in sorted(speed):
             total += (step - previous) * batch / max(speed[step], 1e-9)
             previous = step
     return total
+
+
+def fake_target_gaps(run_dir):
+    """The fake-target gap (TensorBoard `fake_target_gap`: mean squared difference of the fake's and the target's
+    velocities) over each target of a DisBack run, in the order of its target_switches.jsonl:
+    [{"node", "from", "to", "first", "mean", "last"}] (iterations [from, to), logged values inside them)."""
+    with open(os.path.join(run_dir, "target_switches.jsonl")) as f:
+        switches = [json.loads(line) for line in f if line.strip()]
+    gap = tb_scalars(os.path.join(run_dir, "tb"), "fake_target_gap")
+    end = max(gap, default=0)
+    out = []
+    for k, switch in enumerate(switches):
+        first = switch["iteration"]
+        last = switches[k + 1]["iteration"] if k + 1 < len(switches) else end
+        values = [gap[s] for s in sorted(gap) if first < s <= last]  # the value logged at step s is iteration s-1's
+        if values:
+            out.append({"node": switch["node"], "from": first, "to": last, "first": values[0],
+                        "mean": sum(values) / len(values), "last": values[-1]})
+    return out
 
 
 def disback_curve(runs, out):
@@ -153,14 +182,49 @@ def disback_curve(runs, out):
     return curves
 
 
+def distill_run_args():
+    return [f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
+            *FLAGS.train_flag]
+
+
+def time_distillations(out, teacher, row):
+    """TRACT and BTD of the `teacher` run with the same training images: their rows."""
+    d, rows = FLAGS.distill_steps, []
+    for name, flagfile, phases in (("tract", "tract_mnist.cfg", 2), ("btd", "btd_mnist.cfg", 10)):
+        if d % phases:
+            sys.exit(f"error: --distill_steps={d} does not split into {phases} phases")
+        train("trainers.tract", os.path.join(out, name), d, f"--flagfile=configs/{flagfile}",
+              f"--tract_teacher_run_dir={teacher}", f"--tract_steps_per_phase={d // phases}", f"--train_steps={d}",
+              *distill_run_args())
+        rows.append(row(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1))
+    return rows
+
+
+def disbacks(out, teacher, row):
+    """DisBack of the `teacher` run, path on and off with the same schedule: (rows, distance curves, fake-target
+    gaps)."""
+    rows, gaps, runs = [], {}, {}
+    for name, path in (("disback", "on"), ("disback_path_off", "off")):
+        run_dir = os.path.join(out, name)
+        train("trainers.disback", run_dir, FLAGS.disback_steps, f"--flagfile={FLAGS.disback_flagfile}",
+              f"--disback_teacher_run_dir={teacher}", f"--disback_path={path}",
+              f"--train_steps={FLAGS.disback_steps}", f"--checkpoint_every={FLAGS.curve_every}",
+              f"--keep_checkpoints={FLAGS.disback_steps // FLAGS.curve_every + 1}", *distill_run_args())
+        label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
+        rows.append(row(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1]))
+        runs[label] = run_dir
+        gaps[label] = fake_target_gaps(run_dir)
+    return rows, disback_curve(runs, out), gaps
+
+
 def table(rows, nfes, metric):
     lines = [f"| method | {' | '.join(f'NFE {k}' for k in nfes)} | train s |", "|---" * (len(nfes) + 2) + "|"]
     for r in rows:
         cells = [f"{r['distance'][str(k)]:.2f}" if str(k) in r["distance"] else "-" for k in nfes]
         lines.append(f"| {r['method']} | {' | '.join(cells)} | {r['train_seconds']:.0f} |")
     return (f"{metric}, Euler sampler, {FLAGS.num_samples} samples; {FLAGS.train_steps} iterations (one-step stage "
-            f"{FLAGS.onestep_steps}; TRACT/BTD {FLAGS.distill_steps}; DisBack {FLAGS.distill_steps} stage-2 "
-            "iterations)\n\n" + "\n".join(lines) + "\n")
+            f"{FLAGS.onestep_steps}; TRACT/BTD {FLAGS.distill_steps}; DisBack {FLAGS.disback_steps} stage-2 "
+            f"iterations of {os.path.basename(FLAGS.disback_flagfile)})\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -173,21 +237,30 @@ def main(argv):
               *FLAGS.train_flag]
     methods = [("rf", ["--method=rf"], 1)] + [
         (f"cud{k}", ["--method=cud", f"--cud_order={k}"], int(k)) for k in FLAGS.orders]
-    rows, metric = [], None
+    if FLAGS.distill_teacher and FLAGS.distill_teacher not in [m[0] for m in methods]:
+        sys.exit(f"error: --distill_teacher={FLAGS.distill_teacher} is not a trained method of this benchmark")
+    metric = None
 
-    def add(name, run_dir, head, nfes_=None):
+    def row(name, run_dir, head, nfes_=None):
         nonlocal metric
         result = evaluate(run_dir, head, nfes_)
         metric = result["metric"]
-        rows.append(dict(method=name, run_dir=run_dir, head=head, train_seconds=train_seconds(run_dir),
-                         distance={str(r["nfe"]): r["distance"] for r in result["rows"]}))
+        return dict(method=name, run_dir=run_dir, head=head, train_seconds=train_seconds(run_dir),
+                    distance={str(r["nfe"]): r["distance"] for r in result["rows"]})
 
-    for name, args, order in methods:
+    # Work order: the distillation teacher first and its time distillations right after it, then the other
+    # methods and the one-step stage, DisBack (the longest) last; the table keeps its fixed order.
+    method_rows, time_rows = [], []
+    for name, args, order in sorted(methods, key=lambda m: m[0] != FLAGS.distill_teacher):
         run_dir = os.path.join(out, name)
         train("trainers.cud", run_dir, FLAGS.train_steps, *common, *args)
-        for head in sorted({1, order}):
-            add(name if head == 1 else f"{name} (head g_{head})", run_dir, head)
-    cud_rows = [r for r in rows if r["method"].startswith("cud")]
+        method_rows += [row(name if head == 1 else f"{name} (head g_{head})", run_dir, head)
+                        for head in sorted({1, order})]
+        if name == FLAGS.distill_teacher:
+            time_rows = time_distillations(out, run_dir, row)
+    method_rows.sort(key=lambda r: [m[0] for m in methods].index(os.path.basename(r["run_dir"])))
+
+    cud_rows = [r for r in method_rows if r["method"].startswith("cud")]
     if not cud_rows:
         sys.exit("error: --orders is empty; the one-step stage needs a CUD model")
     best = min(cud_rows, key=lambda r: r["distance"][str(min(nfes))])
@@ -197,43 +270,25 @@ def main(argv):
           f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
           f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
           f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress", *FLAGS.train_flag)
-    add(f"{best['method']} + one-step stage", onestep_dir, best["head"])
-
-    curves = {}
+    rows = method_rows + [row(f"{best['method']} + one-step stage", onestep_dir, best["head"])] + time_rows
+    curves, gaps = {}, {}
     if FLAGS.distill_teacher:
-        teacher = os.path.join(out, FLAGS.distill_teacher)
-        if not os.path.isdir(teacher):
-            sys.exit(f"error: --distill_teacher={FLAGS.distill_teacher} is not a trained method of this benchmark")
-        d = FLAGS.distill_steps
-        run = [f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
-               f"--train_steps={d}", *FLAGS.train_flag]
-        for name, flagfile, phases in (("tract", "tract_mnist.cfg", 2), ("btd", "btd_mnist.cfg", 10)):
-            if d % phases:
-                sys.exit(f"error: --distill_steps={d} does not split into {phases} phases")
-            train("trainers.tract", os.path.join(out, name), d, f"--flagfile=configs/{flagfile}",
-                  f"--tract_teacher_run_dir={teacher}", f"--tract_steps_per_phase={d // phases}", *run)
-            add(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1)
-        disback_runs = {}
-        # The path is scaled to the budget: stage 1 records 4 nodes every d/6 steps, and stage 2 spends half of
-        # its d iterations walking back s'_3..s'_1 (d/6 each), the other half on the teacher.
-        for name, path in (("disback", "on"), ("disback_path_off", "off")):
-            run_dir = os.path.join(out, name)
-            train("trainers.disback", run_dir, d, "--flagfile=configs/disback_mnist.cfg",
-                  f"--disback_teacher_run_dir={teacher}", f"--disback_path={path}", "--disback_num_nodes=4",
-                  f"--disback_record_every={max(d // 6, 1)}", f"--disback_node_iterations={max(d // 6, 1)}",
-                  f"--checkpoint_every={FLAGS.curve_every}", f"--keep_checkpoints={d // FLAGS.curve_every + 1}",
-                  *run)
-            label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
-            add(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1])
-            disback_runs[label] = run_dir
-        curves = disback_curve(disback_runs, out)
+        disback_rows, curves, gaps = disbacks(out, os.path.join(out, FLAGS.distill_teacher), row)
+        rows += disback_rows
 
     md = table(rows, nfes, metric)
+    if gaps:
+        md += ("\nDisBack's fake-target gap (mean squared velocity difference) over each target, logged values "
+               "first / mean / last\n\n| run | target | iterations | first | mean | last |\n"
+               "|---|---|---|---|---|---|\n")
+        md += "".join(f"| {label} | s'_{g['node']} | {g['from']}-{g['to']} | {g['first']:.4g} | {g['mean']:.4g} | "
+                      f"{g['last']:.4g} |\n" for label, rows_ in gaps.items() for g in rows_)
     with open(os.path.join(out, "quality_mnist.json"), "w") as f:
         json.dump(dict(metric=metric, num_samples=FLAGS.num_samples, train_steps=FLAGS.train_steps,
                        onestep_steps=FLAGS.onestep_steps, global_batch_size=FLAGS.global_batch_size,
-                       seed=FLAGS.seed, distill_steps=FLAGS.distill_steps, rows=rows, disback_curves=curves), f,
-                  indent=1)
+                       seed=FLAGS.seed, distill_steps=FLAGS.distill_steps, disback_steps=FLAGS.disback_steps,
+                       disback_flagfile=FLAGS.disback_flagfile, rows=rows, disback_curves=curves,
+                       disback_gaps=gaps), f, indent=1)
     with open(os.path.join(out, "quality_mnist.md"), "w") as f:
         f.write(md)
     print(json.dumps(rows))
