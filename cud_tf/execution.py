@@ -1,6 +1,6 @@
 """Graph mode or XLA, chosen by measurement (`--jit_compile` unset): which runs a model's losses and gradients
-faster depends on the network, the step and the machine (on one 2-core CPU XLA was 1.4x faster for the
-quickstart network and 1.5x slower for the MNIST paper network; TRACT's step ran 20x slower under it).
+faster depends on the network, the step and the machine (XLA was 1.2x faster for the quickstart network on one
+2-core CPU without AVX-512, 1.3x slower on one with it, and 1.5x slower for the MNIST paper network).
 
 `choose_xla` times a few steps of each after a warm-up, in alternation, on the run's own first batch, and caches
 the choice per network, objective, per-replica batch, device and TensorFlow version, so that later runs pay
@@ -79,6 +79,7 @@ def cache_key(model, batch_shape) -> str:
 
 
 def _fetch(result):
+    """Waits for every tensor of `result` (a nest), as a caller that uses them would."""
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
 
 
@@ -96,11 +97,6 @@ def interleaved_seconds(fns: dict, steps, warmup) -> dict:
             _fetch(fn())
             times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def median_seconds(fn, steps, warmup):
-    """Median wall seconds of `fn()` (its tensors fetched) over `steps` calls after `warmup` calls."""
-    return interleaved_seconds({0: fn}, steps, warmup)[0]
 
 
 def _measured_choice(seconds):

@@ -137,5 +137,4 @@ def test_candidates_are_timed_in_alternation():
     fns = {name: (lambda name=name: calls.append(name) or tf.constant(0.0)) for name in ("graph", "xla")}
     seconds = execution.interleaved_seconds(fns, steps=3, warmup=1)
     assert calls == ["graph", "xla"] * 4 and list(seconds) == ["graph", "xla"]
-    assert all(s >= 0 for s in seconds.values()) and execution.median_seconds(fns["xla"], 2, 0) >= 0
-    assert calls[8:] == ["xla", "xla"]
+    assert all(s >= 0 for s in seconds.values())
