@@ -146,7 +146,7 @@ def choose_xla(model, strategy, dist_batch, steps: int = 5, warmup: int = 2, log
     return dict(choice, source="measured", key=key)
 
 
-def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps: int = 2, warmup: int = 1,
+def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps: int = 3, warmup: int = 1,
                        log=print):
     """Graph mode or XLA for a sampler, by measurement or its cache (step kind "sample").
 
