@@ -141,9 +141,12 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.stop:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", flush=True)
         self.stop, self.signal = True, self.signal or signum
+        if signum == signal.SIGINT:
+            try:  # a handler must not raise: stdout may be a pipe whose reader is gone (a killed parent process)
+                print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", flush=True)
+            except (OSError, ValueError):
+                pass
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():

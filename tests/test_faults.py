@@ -277,3 +277,23 @@ def test_image_shape_that_does_not_match_the_run(mnist_data_dir, tmp_path, capsy
     assert (run_dir / "flags.txt").read_text() == "--dataset=cifar10\n"
     assert json.loads((run_dir / "arch.json").read_text()) == arch
     assert sorted(os.listdir(run_dir)) == ["arch.json", "flags.txt"]
+
+
+def test_ctrl_c_with_stdout_gone_still_asks_for_a_checkpoint(monkeypatch):
+    """A trainer started by a process that has died (its stdout a pipe with no reader) still saves on Ctrl-C: the
+    handler's message must not raise BrokenPipeError out of wherever the main thread was (as during the
+    samples of a step, before that step's checkpoint)."""
+    class GonePipe:
+        def write(self, _):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with training._StopFlag() as stop:
+        monkeypatch.setattr(sys, "stdout", GonePipe())
+        signal.raise_signal(signal.SIGINT)
+        assert stop.stop and stop.signal == signal.SIGINT
+        monkeypatch.undo()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still quits at once
+            signal.raise_signal(signal.SIGINT)
