@@ -1,10 +1,10 @@
 """Quality on MNIST against NFE: rectified flow vs CUD K=1,2,3 (same network, iterations, batch and seed), the
-one-step stage on the best CUD model, and the distillations of one teacher run (default CUD K=1): TRACT and
-binary time distillation with the same training images, DisBack (the paper's schedule scaled to 2 cores,
-configs/disback_mnist_paper.cfg) and its path-off ablation with the same stage-2 iterations (plus DisBack's
-distance at NFE 1 against iterations for both, disback_curve.png, and the fake-target gap over each target
-node). Every model is evaluated by `trainers.evaluate` with the same noise and sample count. Prints one table
-(and writes quality_mnist.json / .md in --out_dir):
+one-step stage on the best CUD model (and its ablation with f_EMA frozen), and the distillations of one teacher
+run (default CUD K=1): TRACT and binary time distillation with the same training images, DisBack (the paper's
+schedule scaled to 2 cores, configs/disback_mnist_paper.cfg) and its path-off ablation with the same stage-2
+iterations (plus DisBack's distance at NFE 1 against iterations for both, disback_curve.png, and the fake-target
+gap over each target node). Every model is evaluated by `trainers.evaluate` with the same noise and sample count.
+Prints one table (and writes quality_mnist.json / .md in --out_dir):
 
     python benchmarks/quality_mnist.py --out_dir=runs/quality_mnist
 
@@ -264,13 +264,19 @@ def main(argv):
     if not cud_rows:
         sys.exit("error: --orders is empty; the one-step stage needs a CUD model")
     best = min(cud_rows, key=lambda r: r["distance"][str(min(nfes))])
-    # Named after its source so that a rerun whose best CUD model changed trains a new one-step stage.
-    onestep_dir = os.path.join(out, f"onestep_{os.path.basename(best['run_dir'])}_g{best['head']}")
-    train("trainers.onestep", onestep_dir, FLAGS.onestep_steps, f"--flagfile={FLAGS.onestep_flagfile}",
-          f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
-          f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
-          f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress", *FLAGS.train_flag)
-    rows = method_rows + [row(f"{best['method']} + one-step stage", onestep_dir, best["head"])] + time_rows
+    # Named after its source so that a rerun whose best CUD model changed trains a new one-step stage. The
+    # ablation freezes f_EMA at the CUD model's EMA weights (what this project did before it followed the
+    # reference's moving f_EMA), all else equal.
+    onestep_rows = []
+    for suffix, extra, label in (("", [], ""), ("_frozen_f_ema", ["--onestep_f_ema_decay=1.0"], ", f_EMA frozen")):
+        onestep_dir = os.path.join(out, f"onestep_{os.path.basename(best['run_dir'])}_g{best['head']}{suffix}")
+        train("trainers.onestep", onestep_dir, FLAGS.onestep_steps, f"--flagfile={FLAGS.onestep_flagfile}",
+              f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
+              f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
+              f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress", *extra,
+              *FLAGS.train_flag)
+        onestep_rows.append(row(f"{best['method']} + one-step stage{label}", onestep_dir, best["head"]))
+    rows = method_rows + onestep_rows + time_rows
     curves, gaps = {}, {}
     if FLAGS.distill_teacher:
         disback_rows, curves, gaps = disbacks(out, os.path.join(out, FLAGS.distill_teacher), row)
