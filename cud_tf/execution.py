@@ -55,18 +55,23 @@ def store(key, choice: dict, name="xla_choice.json", log=print):
 
 
 def device_name() -> str:
-    """The accelerator's name, or the CPU's model (and core count) on a machine without one."""
+    """The accelerator's name, or on a machine without one the CPU's model, core count and widest vector
+    instructions (two CPUs of one model name, one with AVX-512 and one without, rank graph mode and XLA
+    differently)."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"{details.get('device_name', 'GPU')} x{len(gpus)}"
-    model = platform.processor() or platform.machine()
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            lines = f.read().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), model)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores)"
+    vector = next((name for name in ("avx512f", "avx2", "avx") if name in flags), None)
+    return f"{model} ({os.cpu_count()} cores{', ' + vector if vector else ''})"
 
 
 def cache_key(model, batch_shape) -> str:

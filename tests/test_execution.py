@@ -138,3 +138,14 @@ def test_candidates_are_timed_in_alternation():
     seconds = execution.interleaved_seconds(fns, steps=3, warmup=1)
     assert calls == ["graph", "xla"] * 4 and list(seconds) == ["graph", "xla"]
     assert all(s >= 0 for s in seconds.values())
+
+
+def test_a_cpu_device_name_tells_avx512_from_avx2():
+    """Choices are cached per device: two CPUs of one model name with and without AVX-512 must not share them."""
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("names a GPU")
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    name = execution.device_name()
+    assert name.endswith(", avx512f)") == ("avx512f" in flags)
+    assert name.endswith(", avx2)") == ("avx2" in flags and "avx512f" not in flags)
