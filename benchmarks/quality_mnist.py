@@ -182,7 +182,8 @@ def disback_curve(runs, out):
     return curves
 
 
-def distill_run_args():
+def run_args():
+    """What every trainer run of the benchmark shares after its flagfile: batch, seed, no progress bar, --train_flag."""
     return [f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress",
             *FLAGS.train_flag]
 
@@ -195,7 +196,7 @@ def time_distillations(out, teacher, row):
             sys.exit(f"error: --distill_steps={d} does not split into {phases} phases")
         train("trainers.tract", os.path.join(out, name), d, f"--flagfile=configs/{flagfile}",
               f"--tract_teacher_run_dir={teacher}", f"--tract_steps_per_phase={d // phases}", f"--train_steps={d}",
-              *distill_run_args())
+              *run_args())
         rows.append(row(f"{name.upper()} of {FLAGS.distill_teacher}", os.path.join(out, name), 1))
     return rows
 
@@ -209,7 +210,7 @@ def disbacks(out, teacher, row):
         train("trainers.disback", run_dir, FLAGS.disback_steps, f"--flagfile={FLAGS.disback_flagfile}",
               f"--disback_teacher_run_dir={teacher}", f"--disback_path={path}",
               f"--train_steps={FLAGS.disback_steps}", f"--checkpoint_every={FLAGS.curve_every}",
-              f"--keep_checkpoints={FLAGS.disback_steps // FLAGS.curve_every + 1}", *distill_run_args())
+              f"--keep_checkpoints={FLAGS.disback_steps // FLAGS.curve_every + 1}", *run_args())
         label = "DisBack" if path == "on" else "DisBack, path off (plain distribution matching)"
         rows.append(row(f"{label} of {FLAGS.distill_teacher}", run_dir, 1, [1]))
         runs[label] = run_dir
@@ -272,9 +273,8 @@ def main(argv):
         onestep_dir = os.path.join(out, f"onestep_{os.path.basename(best['run_dir'])}_g{best['head']}{suffix}")
         train("trainers.onestep", onestep_dir, FLAGS.onestep_steps, f"--flagfile={FLAGS.onestep_flagfile}",
               f"--init_run_dir={best['run_dir']}", f"--train_steps={FLAGS.onestep_steps}",
-              f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}",
-              f"--global_batch_size={FLAGS.global_batch_size}", f"--seed={FLAGS.seed}", "--noprogress", *extra,
-              *FLAGS.train_flag)
+              f"--onestep_num_pairs={FLAGS.onestep_num_pairs}", f"--onestep_head={best['head']}", *extra,
+              *run_args())
         onestep_rows.append(row(f"{best['method']} + one-step stage{label}", onestep_dir, best["head"]))
     rows = method_rows + onestep_rows + time_rows
     curves, gaps = {}, {}
