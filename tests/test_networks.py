@@ -12,7 +12,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from helpers import tiny_unet_config
-from cud_tf.networks.layers import AttnBlock, QKVAttnBlock, ResBlock
+from cud_tf.networks.layers import AttnBlock, GroupNorm, QKVAttnBlock, ResBlock, group_norm
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, encode_noise, noise_encoder_config
 from trainers import common
 from trainers import cud as cud_trainer
@@ -188,6 +188,42 @@ def test_keras_attention_head_channels():
     one(x), eight(x)
     assert (one.attn.num_heads, eight.attn.num_heads, eight.attn.key_dim) == (1, 8, 8)
     assert one.count_params() == eight.count_params() == 2 * 64 + 4 * (64 * 64 + 64)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 64), 16), ((3, 4, 4, 8), 2), ((2, 3, 3, 12), 12)])
+def test_group_norm_is_keras_group_normalization(shape, groups):
+    """Same weights, outputs and gradients as keras.layers.GroupNormalization, and both as the definition:
+    per sample and group of C/G adjacent channels, (x - mean) / sqrt(var + eps) * gamma + beta."""
+    ours, keras_gn = GroupNorm(groups=groups, epsilon=1e-6), tf.keras.layers.GroupNormalization(groups, epsilon=1e-6)
+    ours.build(shape), keras_gn.build(shape)
+    assert [w.path.split("/")[-1] for w in ours.weights] == [w.path.split("/")[-1] for w in keras_gn.weights]
+    for a, b in zip(ours.weights, keras_gn.weights):
+        a.assign(tf.random.normal(a.shape, seed=11))
+        b.assign(a)
+    x = tf.random.normal(shape, seed=12) * 3.0 + 2.0
+    w = tf.random.normal(shape, seed=13)
+    results = []
+    for layer in (ours, keras_gn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * w)
+        results.append([y, *tape.gradient(loss, [x, *layer.weights])])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    xg = x.numpy().reshape(shape[0], -1, groups, shape[-1] // groups)
+    mean, var = xg.mean(axis=(1, 3), keepdims=True), xg.var(axis=(1, 3), keepdims=True)
+    expected = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(shape) * ours.gamma.numpy() + ours.beta.numpy()
+    np.testing.assert_allclose(results[0][0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_under_mixed_bfloat16_keeps_float32_statistics():
+    x = tf.random.normal([2, 4, 4, 16], seed=14) + 100.0  # a large mean: bf16 statistics would lose the signal
+    layer = group_norm(16, dtype="mixed_bfloat16")
+    y = layer(tf.cast(x, tf.bfloat16))
+    assert y.dtype == tf.bfloat16 and layer.gamma.dtype == tf.float32
+    reference = group_norm(16)(tf.cast(tf.cast(x, tf.bfloat16), tf.float32))
+    np.testing.assert_allclose(tf.cast(y, tf.float32), reference, atol=0.05)
 
 
 def test_adm_form_network():

@@ -5,6 +5,7 @@ Images are NHWC `[B, H, W, C]`; times `[B]`; embeddings `[B, E]`.
 import math
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 
@@ -33,9 +34,39 @@ def upsample(x):
     return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
 
 
+class GroupNorm(layers.GroupNormalization):
+    """Keras' GroupNormalization (same weights gamma, beta `[C]`, same float32 statistics) computed in a form that
+    TF's CPU kernels run ~2x faster in graph mode: `[B, H, W, C] -> [B, H, W, C]`.
+
+    Keras reduces a `[B, H, W, G, C/G]` view over three non-adjacent axes; here the means over H, W come first,
+    `[B, C]`, and the groups average those (`[B, G]`, broadcast back to `[B, 1, 1, C]`); the variance is the mean
+    of squared deviations from the group mean (two passes, as Keras). Other ranks and axes: Keras' own call.
+    """
+
+    def call(self, inputs):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs)
+        x = tf.cast(inputs, "float32")
+        c, g = x.shape[-1], self.groups
+
+        def group_mean(v):  # [B, C] -> [B, 1, 1, C]: each channel gets its group's mean
+            v = tf.reduce_mean(tf.reshape(v, [-1, g, c // g]), axis=-1, keepdims=True)
+            return tf.reshape(tf.broadcast_to(v, [tf.shape(v)[0], g, c // g]), [-1, 1, 1, c])
+
+        mean = group_mean(tf.reduce_mean(x, axis=[1, 2]))
+        variance = group_mean(tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axis=[1, 2]))
+        inv = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * tf.cast(self.gamma, "float32")
+        shift = -mean * inv
+        if self.center:
+            shift = shift + tf.cast(self.beta, "float32")
+        return tf.cast(x * inv + shift, self.compute_dtype)
+
+
 def group_norm(channels, **kw):
     """GroupNorm with min(32, C/4) groups and eps 1e-6, as in the reference network."""
-    return layers.GroupNormalization(groups=min(32, max(1, channels // 4)), epsilon=1e-6, **kw)
+    return GroupNorm(groups=min(32, max(1, channels // 4)), epsilon=1e-6, **kw)
 
 
 def sinusoidal_embedding(t, dim, max_positions=10000.0):
