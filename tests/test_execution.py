@@ -140,6 +140,23 @@ def test_candidates_are_timed_in_alternation():
     assert all(s >= 0 for s in seconds.values())
 
 
+@pytest.mark.parametrize("first,second,expected", [
+    ({False: 1.0, True: 1.05}, {False: 1.3, True: 1.0}, {False: 1.2, True: (1.05 + 2.0) / 3}),  # close: a 2nd look
+    ({False: 1.0, True: 1.2}, None, {False: 1.0, True: 1.2}),  # 20% apart: decided by the first
+])
+def test_modes_within_ten_percent_get_a_second_longer_look(monkeypatch, first, second, expected):
+    looks = []
+
+    def fake(fns, steps, warmup):
+        looks.append((steps, warmup))
+        return dict(first if len(looks) == 1 else second)
+
+    monkeypatch.setattr(execution, "interleaved_seconds", fake)
+    seconds = execution.compare_modes({False: None, True: None}, 5, 2, dict)
+    assert looks == ([(5, 2), (10, 0)] if second else [(5, 2)])
+    assert seconds == pytest.approx(expected)
+
+
 def test_a_cpu_device_name_tells_avx512_from_avx2():
     """Choices are cached per device: two CPUs of one model name with and without AVX-512 must not share them."""
     if tf.config.list_physical_devices("GPU"):
