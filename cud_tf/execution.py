@@ -24,7 +24,7 @@ from cud_tf import run_dir
 
 # Part of every choice's cache key (train steps, samplers), raised when the probe or the speed of what it times
 # changes: version 1 timed graph mode on the metrics alone (the gradients pruned), so its choices leaned to graph
-# mode; version 3: the network's GroupNorm became ~2x faster in graph mode, little under XLA (layers.GroupNorm).
+# mode; version 3: the network's GroupNorm became faster in graph mode, little under XLA (layers.GroupNorm).
 PROBE_VERSION = 3
 
 
