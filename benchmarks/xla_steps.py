@@ -16,6 +16,8 @@ train step's losses and gradients (what `cud_tf.execution.choose_xla` times) in 
 RF, CUD K=1, TRACT and DisBack (its generator and fake-only steps, and the old single-computation layout), and
 what the default (`--jit_compile` unset) picks: `cud_tf.execution.choose_xla`, the trainers' own probe, run
 --probes times on an empty cache, with the time of its worst pick over the better mode's ("default / best").
+The reference is itself a sample of a noisy machine: its 95% interval of XLA / graph says when it can rank the
+modes at all (an interval across 1 within 0.95-1.05 means a near-tie, where either pick is within 5%).
 Prints JSON and a markdown table.
 """
 import dataclasses
@@ -38,16 +40,26 @@ flags.DEFINE_boolean("old_disback", True, "Also time DisBack's old layout (the c
                      "~15 s a step on the quickstart net on 2 cores).")
 flags.DEFINE_integer("probes", 3, "Runs of the default's probe per step kind, each on an empty cache (0: none).",
                      lower_bound=0)
+flags.DEFINE_list("kinds", ["rf", "cud1", "tract", "disback"], "Which steps the steps part times.")
 flags.DEFINE_string("out", "", "Write the JSON here too.")
 
 
 def side_by_side(fns, args_list):
     """{name: median wall seconds of fns[name](*args)} (results fetched) over args_list[1:], after an untimed call
     on args_list[0] (tracing, XLA compilation); the functions are called in turn for each args
-    (`cud_tf.execution.interleaved_seconds`), so a change of machine load weighs on each alike."""
+    (`cud_tf.execution.interleaved_times`), so a change of machine load weighs on each alike. With names "graph"
+    and "xla", also "xla_over_graph_95": the 95% interval of XLA / graph from the rounds' paired log-ratios (how
+    far this reference itself can be trusted to rank the modes)."""
+    import numpy as np
     from cud_tf import execution
     calls = {name: (lambda fn=fn, it=iter(args_list): fn(*next(it))) for name, fn in fns.items()}
-    return execution.interleaved_seconds(calls, steps=len(args_list) - 1, warmup=1)
+    times = execution.interleaved_times(calls, steps=len(args_list) - 1, warmup=1)
+    row = {name: float(np.median(t)) for name, t in times.items()}
+    if set(times) == {"graph", "xla"} and len(args_list) > 2:
+        logs = np.log(np.array(times["xla"]) / np.array(times["graph"]))
+        half = 1.96 * np.std(logs, ddof=1) / np.sqrt(len(logs))
+        row["xla_over_graph_95"] = [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]
+    return row
 
 
 def ops_part():
@@ -106,7 +118,10 @@ def default_picks(model, batch):
         for _ in range(FLAGS.probes):
             with tempfile.TemporaryDirectory() as cache:
                 os.environ["CUD_TF_CACHE"] = cache
-                picks.append(execution.choose_xla(model, strategy, batch, log=lambda _: None)["xla"])
+                choice = execution.choose_xla(model, strategy, batch, log=lambda _: None)
+                picks.append(choice["xla"])
+                print(json.dumps(dict(probe={k: choice[k] for k in ("xla", "graph_s", "xla_s", "rounds")})),
+                      flush=True)
     finally:
         if before is None:
             os.environ.pop("CUD_TF_CACHE", None)
@@ -148,11 +163,13 @@ def steps_part():
     # The replica id is a tensor, as the train step passes it.
     steps = [(batch, tf.constant(k, tf.int64), tf.constant(0), 1) for k in range(FLAGS.steps + 1)]
     rows = {}
-    for name, model in models.items():
+    for name, model in ((n, m) for n, m in models.items() if n in FLAGS.kinds):
         fns = {("xla" if xla else "graph"): tf.function(model.objective_step(model.objective, xla=xla))
                for xla in (False, True)}
         rows[name] = with_default(side_by_side(fns, steps), default_picks(model, batch))
         print(json.dumps({name: rows[name]}), flush=True)
+    if "disback" not in FLAGS.kinds:
+        return rows
     gen_net, fake_net, target = nets("velocity", "fake", "target")
     model = DisbackModel(gen_net, fake_net, target, disback.DisbackConfig(fake_updates_per_generator=5), optim, b)
     gen_step = {xla: model.objective_step(disback.loss, xla=xla) for xla in (False, True)}
@@ -185,15 +202,17 @@ def table(result):
         lines.append("")
     if "steps" in result:
         lines += [f"| step's losses and gradients (batch {FLAGS.global_batch_size}) | graph | XLA | XLA / graph | "
-                  "old layout (cond inside XLA) | default picks | default / best |", "|---|---|---|---|---|---|---|"]
+                  "95% interval | old layout (cond inside XLA) | default picks | default / best |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in result["steps"].items():
             old = f"{r['xla_cond_inside'] * 1e3:.0f} ms" if "xla_cond_inside" in r else "-"
             picks = r.get("default_xla", [])
             chosen = (f"XLA {sum(picks)}/{len(picks)}, graph {len(picks) - sum(picks)}/{len(picks)}" if picks
                       else "-")
             ratio = f"{r['default_over_best']:.3f}" if picks else "-"
+            interval = "{:.2f}-{:.2f}".format(*r["xla_over_graph_95"]) if "xla_over_graph_95" in r else "-"
             lines.append(f"| {name} | {r['graph'] * 1e3:.0f} ms | {r['xla'] * 1e3:.0f} ms | "
-                         f"{r['xla'] / r['graph']:.2f} | {old} | {chosen} | {ratio} |")
+                         f"{r['xla'] / r['graph']:.2f} | {interval} | {old} | {chosen} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -2,11 +2,11 @@
 faster depends on the network, the step and the machine (XLA was 1.2x faster for the quickstart network on one
 2-core CPU without AVX-512, 1.3x slower on one with it, and 1.5x slower for the MNIST paper network).
 
-`choose_xla` times a few steps of each after a warm-up, in alternation (and when the two come within 10% of each
-other, twice as many again: `compare_modes`), on the run's own first batch, and caches
-the choice per network, objective, per-replica batch, device and TensorFlow version, so that later runs pay
-nothing. Timing computes gradients only: no weight, optimizer slot or step changes, and the dropout RNG state is
-put back, so the training that follows does not depend on the measurement (beyond XLA's own random stream).
+`choose_xla` times a few steps of each after a warm-up, in alternation, on the run's own first batch (more
+rounds while the two are too close to tell apart: `compare_modes`), and caches the choice per network, objective,
+per-replica batch, device and TensorFlow version, so that later runs pay nothing. Timing computes gradients only:
+no weight, optimizer slot or step changes, and the dropout RNG state is put back, so the training that follows
+does not depend on the measurement (beyond XLA's own random stream).
 `choose_sampler_xla` does the same for the evaluator's sampler (step kind "sample"): a one-step call of each
 compiled sampler on the evaluation batch, cached per network, sampler, batch, device, precision and TF version.
 """
@@ -24,8 +24,9 @@ from cud_tf import run_dir
 
 # Part of every choice's cache key (train steps, samplers), raised when the probe or the speed of what it times
 # changes: version 1 timed graph mode on the metrics alone (the gradients pruned), so its choices leaned to graph
-# mode; version 3: the network's GroupNorm became faster in graph mode, little under XLA (layers.GroupNorm).
-PROBE_VERSION = 3
+# mode; version 3: the network's GroupNorm became faster in graph mode, little under XLA (layers.GroupNorm);
+# version 4: rounds until the pick is at most 5% slower (compare_modes), where 5-15 rounds could mis-pick by 9%.
+PROBE_VERSION = 4
 
 
 def cache_path(name="xla_choice.json"):
@@ -90,40 +91,55 @@ def _fetch(result):
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
 
 
-def interleaved_seconds(fns: dict, steps, warmup) -> dict:
-    """{name: median wall seconds of fns[name]()} (tensors fetched) over `steps` rounds after `warmup` rounds; a
+def interleaved_times(fns: dict, steps, warmup) -> dict:
+    """{name: [wall seconds of fns[name]() in each of `steps` rounds]} (tensors fetched) after `warmup` rounds; a
     round calls every function once, in turn, so that a slow spell of a shared machine weighs on each alike
-    (timing one after the other lets such a spell decide a choice)."""
+    (timing one after the other lets such a spell decide a choice), and every other round in reverse order, so
+    that going first or after a given function favours none."""
     for _ in range(warmup):
         for fn in fns.values():
             _fetch(fn())
     times = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
+    for r in range(steps):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             t0 = time.perf_counter()
-            _fetch(fn())
+            _fetch(fns[name]())
             times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
 
 
-# Modes within this fraction of each other get a second look: a 5-round median on a shared 2-core machine put the
-# slower mode ahead at a true gap of 5-6% (DisBack's fake-only step, one probe in three).
-CLOSE = 0.10
+def interleaved_seconds(fns: dict, steps, warmup) -> dict:
+    """{name: median wall seconds of fns[name]()} over `steps` alternated rounds (`interleaved_times`)."""
+    return {name: float(np.median(t)) for name, t in interleaved_times(fns, steps, warmup).items()}
 
 
-def compare_modes(fns: dict, steps, warmup, per_mode) -> dict:
-    """{xla: seconds} = per_mode(interleaved_seconds(fns, steps, warmup)), and when the two modes come within
-    CLOSE of each other, a second look of 2 * steps rounds: then each mode's medians weighted by their rounds."""
-    seconds = per_mode(interleaved_seconds(fns, steps, warmup))
-    if abs(seconds[True] - seconds[False]) < CLOSE * min(seconds.values()):
-        again = per_mode(interleaved_seconds(fns, 2 * steps, 0))
-        seconds = {xla: (seconds[xla] + 2 * again[xla]) / 3 for xla in seconds}
-    return seconds
+# The probe's bar: the mode it picks may be at most this much slower than the other, at one-sided 95% confidence
+# (Z). On a shared 2-core machine one call's time varies by ~10-15%, so five rounds cannot tell modes 5-10% apart:
+# a 5-round probe picked the slower mode of DisBack's steps, 9% apart, once in three.
+TOLERANCE, Z = 0.05, 1.645
 
 
-def _measured_choice(seconds):
-    """The cached record of a measurement {xla: seconds}: the faster mode, both timings, device and TF."""
-    return dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True],
+def compare_modes(fns: dict, steps, warmup, per_mode, max_rounds=None):
+    """({xla: median seconds}, rounds): alternated rounds of `fns` (`interleaved_times`), each reduced to {xla:
+    seconds} by `per_mode`, `steps` rounds at a time until the faster median is at most TOLERANCE slower than the
+    other mode: the mean of the rounds' paired log(XLA / graph) plus Z standard errors says so (at once when the
+    modes are far apart; a near-tie takes more rounds), or `max_rounds` (default 6 * steps) are spent."""
+    max_rounds = max_rounds or 6 * steps
+    rounds = []
+    while True:
+        times = interleaved_times(fns, steps, warmup if not rounds else 0)
+        rounds += [per_mode({name: t[i] for name, t in times.items()}) for i in range(steps)]
+        seconds = {xla: float(np.median([r[xla] for r in rounds])) for xla in (False, True)}
+        log_ratio = np.log([r[True] / r[False] for r in rounds])  # > 0: XLA slower
+        risk = np.mean(log_ratio) if seconds[True] < seconds[False] else -np.mean(log_ratio)  # the pick's
+        error = Z * np.std(log_ratio, ddof=1) / np.sqrt(len(rounds)) if len(rounds) > 1 else np.inf
+        if risk + error < np.log1p(TOLERANCE) or len(rounds) >= max_rounds:
+            return seconds, len(rounds)
+
+
+def _measured_choice(seconds, rounds):
+    """The cached record of a measurement {xla: seconds}: the faster mode, both timings, rounds, device and TF."""
+    return dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True], rounds=rounds,
                 device=device_name(), tensorflow=tf.__version__)
 
 
@@ -156,13 +172,13 @@ def choose_xla(model, strategy, dist_batch, steps: int = 5, warmup: int = 2, log
         return lambda: run(dist_batch, step)
 
     kinds = model.step_kinds()  # a step's time: the weighted mean over the kinds of step the model takes
-    seconds = compare_modes(
+    seconds, rounds = compare_modes(
         {(xla, k): losses_and_grads(objective, xla) for xla in (False, True) for k, (objective, _) in enumerate(kinds)},
         steps, warmup, lambda times: {xla: sum(w * times[xla, k] for k, (_, w) in enumerate(kinds))
                                       / sum(w for _, w in kinds) for xla in (False, True)})
     for v, value in state:
         v.assign(value)
-    choice = _measured_choice(seconds)
+    choice = _measured_choice(seconds, rounds)
     model.xla = choice["xla"]
     store(key, choice, log=log)
     return dict(choice, source="measured", key=key)
@@ -185,7 +201,7 @@ def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps:
     if hit is not None:
         return make_sampler(bool(hit["xla"])), dict(hit, source="cache", key=key)
     fns = {xla: make_sampler(xla) for xla in (False, True)}
-    seconds = compare_modes({xla: lambda fn=fn: fn(*args) for xla, fn in fns.items()}, steps, warmup, dict)
-    choice = _measured_choice(seconds)
+    seconds, rounds = compare_modes({xla: lambda fn=fn: fn(*args) for xla, fn in fns.items()}, steps, warmup, dict)
+    choice = _measured_choice(seconds, rounds)
     store(key, choice, log=log)
     return fns[choice["xla"]], dict(choice, source="measured", key=key)

@@ -223,9 +223,9 @@ def test_xla_probe_weighs_the_step_kinds_by_how_often_they_run(tmp_path, monkeyp
 
     def fake_timer(fns, steps, warmup):
         timed.append(sorted(fns))
-        return {k: seconds[k] for k in fns}
+        return {k: [seconds[k]] * steps for k in fns}
 
-    monkeypatch.setattr(execution, "interleaved_seconds", fake_timer)
+    monkeypatch.setattr(execution, "interleaved_times", fake_timer)
     model = DisbackModel(*tiny_nets(["velocity", "fake", "target"]),
                          objective.DisbackConfig(fake_updates_per_generator=ratio), OptimConfig(), global_batch_size=4)
     assert model.step_kinds() == [(objective.loss, 1)] + ([(objective.fake_loss, ratio - 1)] if ratio > 1 else [])

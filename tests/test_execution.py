@@ -59,9 +59,9 @@ def timings(monkeypatch, *seconds):
     def fake(fns, steps, warmup):
         assert list(fns) == [False, True]  # {xla: fn}, timed side by side
         given.extend(fns.values())
-        return dict(zip(fns, seconds[len(given) - 2:len(given)]))
+        return {xla: [s] * steps for xla, s in zip(fns, seconds[len(given) - 2:len(given)])}
 
-    monkeypatch.setattr(execution, "interleaved_seconds", fake)
+    monkeypatch.setattr(execution, "interleaved_times", fake)
     return given
 
 
@@ -81,7 +81,7 @@ def test_unset_jit_compile_is_measured_once_then_read_from_the_cache(loaded, no_
         f"images: graph {graph_s * 1e3:.0f} ms, XLA {xla_s * 1e3:.0f} ms); pass --jit_compile or --nojit_compile "
         "to choose"]
 
-    monkeypatch.setattr(execution, "interleaved_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(execution, "interleaved_times", lambda *a: pytest.fail("measured again"))
     again = sample(loaded, None, [])
     assert again["jit_compile"]["source"] == "cache" and again["jit_compile"]["xla"] == choice["xla"]
     assert again["jit_compile"]["key"] == choice["key"]
@@ -100,7 +100,7 @@ def test_the_sample_step_kind_has_its_own_key(loaded, no_sampling, monkeypatch):
 def test_an_explicit_jit_compile_wins_over_the_cache_without_timing(loaded, no_sampling, monkeypatch, jit):
     timings(monkeypatch, 2.0, 1.0) if not jit else timings(monkeypatch, 1.0, 2.0)
     assert sample(loaded, None, [])["jit_compile"]["xla"] == (not jit)  # the cache now says the opposite
-    monkeypatch.setattr(execution, "interleaved_seconds", lambda *a: pytest.fail("timed despite the flag"))
+    monkeypatch.setattr(execution, "interleaved_times", lambda *a: pytest.fail("timed despite the flag"))
     lines = []
     result = sample(loaded, jit, lines)
     assert result["jit_compile"] == dict(xla=jit, source="flag")
@@ -132,29 +132,46 @@ def test_evaluate_flag_defaults_to_measured():
 
 
 def test_candidates_are_timed_in_alternation():
-    """A slow spell of a shared machine must weigh on every candidate alike: rounds of one call each, in turn."""
+    """A slow spell of a shared machine must weigh on every candidate alike: rounds of one call each, in turn,
+    every other round in reverse (no candidate always goes first)."""
     calls = []
     fns = {name: (lambda name=name: calls.append(name) or tf.constant(0.0)) for name in ("graph", "xla")}
     seconds = execution.interleaved_seconds(fns, steps=3, warmup=1)
-    assert calls == ["graph", "xla"] * 4 and list(seconds) == ["graph", "xla"]
+    assert calls == ["graph", "xla"] * 2 + ["xla", "graph"] + ["graph", "xla"] and list(seconds) == ["graph", "xla"]
     assert all(s >= 0 for s in seconds.values())
 
 
-@pytest.mark.parametrize("first,second,expected", [
-    ({False: 1.0, True: 1.05}, {False: 1.3, True: 1.0}, {False: 1.2, True: (1.05 + 2.0) / 3}),  # close: a 2nd look
-    ({False: 1.0, True: 1.2}, None, {False: 1.0, True: 1.2}),  # 20% apart: decided by the first
+GRAPH = [1.0] * 5
+NOISY_TIE = [0.8, 1.2, 0.9, 1.1, 0.97]  # XLA's rounds: median 3% faster, but one call varies by 20%
+
+
+@pytest.mark.parametrize("xla_looks,rounds,xla_median", [
+    ([[2.0, 1.9, 2.1, 2.0, 2.0]], 5, 2.0),  # 2x apart: the first look decides
+    ([NOISY_TIE, [0.97] * 5], 10, 0.97),  # too noisy to say the pick is within 5%, until a second look
+    ([[0.8, 1.25, 0.8, 1.25, 1.0]] * 6, 30, 1.0),  # never decided: stops at 6 * steps rounds
 ])
-def test_modes_within_ten_percent_get_a_second_longer_look(monkeypatch, first, second, expected):
+def test_modes_too_close_to_tell_apart_get_more_rounds(monkeypatch, xla_looks, rounds, xla_median):
+    """More alternated rounds until the faster median is at most 5% slower than the other mode at 95% confidence
+    (the paired per-round log-ratios' mean + 1.645 standard errors)."""
     looks = []
 
     def fake(fns, steps, warmup):
-        looks.append((steps, warmup))
-        return dict(first if len(looks) == 1 else second)
+        looks.append(warmup)
+        return {False: GRAPH[:steps], True: xla_looks[len(looks) - 1][:steps]}
 
-    monkeypatch.setattr(execution, "interleaved_seconds", fake)
-    seconds = execution.compare_modes({False: None, True: None}, 5, 2, dict)
-    assert looks == ([(5, 2), (10, 0)] if second else [(5, 2)])
-    assert seconds == pytest.approx(expected)
+    monkeypatch.setattr(execution, "interleaved_times", fake)
+    seconds, n = execution.compare_modes({False: None, True: None}, 5, 2, dict)
+    assert looks == [2] + [0] * (len(xla_looks) - 1) and n == rounds
+    assert seconds == pytest.approx({False: 1.0, True: xla_median})
+
+
+def test_the_probe_weighs_each_round_before_comparing_modes(monkeypatch):
+    """per_mode reduces each round's {name: seconds} (e.g. several step kinds) to {xla: seconds} before the rounds
+    are compared."""
+    times = {(False, 0): [1.0, 1.0], (False, 1): [3.0, 3.0], (True, 0): [2.0, 2.0], (True, 1): [1.0, 1.0]}
+    monkeypatch.setattr(execution, "interleaved_times", lambda fns, steps, warmup: times)
+    per_mode = lambda t: {xla: t[xla, 0] + t[xla, 1] for xla in (False, True)}  # noqa: E731
+    assert execution.compare_modes(dict.fromkeys(times), 2, 0, per_mode) == ({False: 4.0, True: 3.0}, 2)
 
 
 def test_a_cpu_device_name_tells_avx512_from_avx2():

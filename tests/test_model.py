@@ -155,27 +155,27 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     batch = next(iter(strategy.experimental_distribute_dataset(ds)))
     first = model()
     before = [v.numpy() for v in first.variables]
-    timer, outputs = execution.interleaved_seconds, {}
+    timer, outputs = execution.interleaved_times, {}
 
     def recording_timer(fns, steps, warmup):  # what each timed call returns: graph mode must not time less
         outputs.update({mode: fn() for mode, fn in fns.items()})
         return timer(fns, steps, warmup)
 
-    monkeypatch.setattr(execution, "interleaved_seconds", recording_timer)
+    monkeypatch.setattr(execution, "interleaved_times", recording_timer)
     choice = execution.choose_xla(first, strategy, batch, steps=1, warmup=1)
     # Both modes are timed on the same work: the metrics and every gradient (a graph-mode function that returned
     # the metrics alone would have its backward pass pruned and win the timing unfairly).
     assert sorted(outputs) == [(False, 0), (True, 0)]
     for metrics, grads in outputs.values():
         assert "loss" in metrics and len(grads["velocity"]) == len(first.net.trainable_variables)
-    monkeypatch.setattr(execution, "interleaved_seconds", timer)
+    monkeypatch.setattr(execution, "interleaved_times", timer)
     assert choice["source"] == "measured" and first.xla == (choice["xla_s"] < choice["graph_s"])
     for a, b in zip(before, first.variables):
         np.testing.assert_array_equal(a, b.numpy())
     assert int(first.step.numpy()) == 0
     assert list(json.load(open(execution.cache_path()))) == [choice["key"]]
 
-    monkeypatch.setattr(execution, "interleaved_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(execution, "interleaved_times", lambda *a: pytest.fail("measured again"))
     second = model()
     cached = execution.choose_xla(second, strategy, batch)
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
