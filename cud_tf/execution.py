@@ -115,7 +115,8 @@ def interleaved_seconds(fns: dict, steps, warmup) -> dict:
 
 # The probe's bar: the mode it picks may be at most this much slower than the other, at one-sided 95% confidence
 # (Z). On a shared 2-core machine one call's time varies by ~10-15%, so five rounds cannot tell modes 5-10% apart:
-# a 5-round probe picked the slower mode of DisBack's steps, 9% apart, once in three.
+# a 5-round probe picked the slower mode of DisBack's steps, 9% apart, once in three. More rounds cannot help where
+# the ranking itself moves with the machine's load (docs/speed.md, "The probe when graph mode and XLA are close").
 TOLERANCE, Z = 0.05, 1.645
 
 
