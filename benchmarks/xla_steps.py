@@ -40,7 +40,9 @@ flags.DEFINE_boolean("old_disback", True, "Also time DisBack's old layout (the c
                      "~15 s a step on the quickstart net on 2 cores).")
 flags.DEFINE_integer("probes", 3, "Runs of the default's probe per step kind, each on an empty cache (0: none).",
                      lower_bound=0)
-flags.DEFINE_list("kinds", ["rf", "cud1", "tract", "disback"], "Which steps the steps part times.")
+KINDS = ("rf", "cud1", "tract", "disback")
+flags.DEFINE_list("kinds", list(KINDS), "Which steps the steps part times.")
+flags.register_validator("kinds", lambda v: set(v) <= set(KINDS), f"--kinds takes some of {','.join(KINDS)}")
 flags.DEFINE_string("out", "", "Write the JSON here too.")
 
 
@@ -56,9 +58,8 @@ def side_by_side(fns, args_list):
     times = execution.interleaved_times(calls, steps=len(args_list) - 1, warmup=1)
     row = {name: float(np.median(t)) for name, t in times.items()}
     if set(times) == {"graph", "xla"} and len(args_list) > 2:
-        logs = np.log(np.array(times["xla"]) / np.array(times["graph"]))
-        half = 1.96 * np.std(logs, ddof=1) / np.sqrt(len(logs))
-        row["xla_over_graph_95"] = [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]
+        mean, se = execution.paired_log_ratio(times["xla"], times["graph"])
+        row["xla_over_graph_95"] = [float(np.exp(mean - 1.96 * se)), float(np.exp(mean + 1.96 * se))]
     return row
 
 

@@ -113,6 +113,13 @@ def interleaved_seconds(fns: dict, steps, warmup) -> dict:
     return {name: float(np.median(t)) for name, t in interleaved_times(fns, steps, warmup).items()}
 
 
+def paired_log_ratio(numerator, denominator):
+    """(mean, standard error) of log(numerator[i] / denominator[i]) over rounds i timed side by side (the standard
+    error is inf for a single round)."""
+    logs = np.log(np.asarray(numerator) / np.asarray(denominator))
+    return float(np.mean(logs)), float(np.std(logs, ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else np.inf
+
+
 # The probe's bar: the mode it picks may be at most this much slower than the other, at one-sided 95% confidence
 # (Z). On a shared 2-core machine one call's time varies by ~10-15%, so five rounds cannot tell modes 5-10% apart:
 # a 5-round probe picked the slower mode of DisBack's steps, 9% apart, once in three. More rounds cannot help where
@@ -128,13 +135,14 @@ def compare_modes(fns: dict, steps, warmup, per_mode, max_rounds=None):
     max_rounds = max_rounds or 6 * steps
     rounds = []
     while True:
-        times = interleaved_times(fns, steps, warmup if not rounds else 0)
+        # A block after an odd number of rounds starts in reverse, so the order keeps alternating across blocks.
+        order = fns if len(rounds) % 2 == 0 else dict(reversed(fns.items()))
+        times = interleaved_times(order, steps, warmup if not rounds else 0)
         rounds += [per_mode({name: t[i] for name, t in times.items()}) for i in range(steps)]
         seconds = {xla: float(np.median([r[xla] for r in rounds])) for xla in (False, True)}
-        log_ratio = np.log([r[True] / r[False] for r in rounds])  # > 0: XLA slower
-        risk = np.mean(log_ratio) if seconds[True] < seconds[False] else -np.mean(log_ratio)  # the pick's
-        error = Z * np.std(log_ratio, ddof=1) / np.sqrt(len(rounds)) if len(rounds) > 1 else np.inf
-        if risk + error < np.log1p(TOLERANCE) or len(rounds) >= max_rounds:
+        mean, se = paired_log_ratio([r[True] for r in rounds], [r[False] for r in rounds])  # mean > 0: XLA slower
+        risk = mean if seconds[True] < seconds[False] else -mean  # log of how much slower the pick may be
+        if risk + Z * se < np.log1p(TOLERANCE) or len(rounds) >= max_rounds:
             return seconds, len(rounds)
 
 

@@ -153,15 +153,18 @@ NOISY_TIE = [0.8, 1.2, 0.9, 1.1, 0.97]  # XLA's rounds: median 3% faster, but on
 def test_modes_too_close_to_tell_apart_get_more_rounds(monkeypatch, xla_looks, rounds, xla_median):
     """More alternated rounds until the faster median is at most 5% slower than the other mode at 95% confidence
     (the paired per-round log-ratios' mean + 1.645 standard errors)."""
-    looks = []
+    looks, orders = [], []
 
     def fake(fns, steps, warmup):
         looks.append(warmup)
+        orders.append(list(fns))
         return {False: GRAPH[:steps], True: xla_looks[len(looks) - 1][:steps]}
 
     monkeypatch.setattr(execution, "interleaved_times", fake)
     seconds, n = execution.compare_modes({False: None, True: None}, 5, 2, dict)
     assert looks == [2] + [0] * (len(xla_looks) - 1) and n == rounds
+    # Blocks of 5 rounds: every other block starts in reverse, so the order alternates across blocks too.
+    assert orders == [[False, True] if i % 2 == 0 else [True, False] for i in range(len(xla_looks))]
     assert seconds == pytest.approx({False: 1.0, True: xla_median})
 
 
