@@ -6,7 +6,7 @@ faster depends on the network, the step and the machine (XLA was 1.2x faster for
 rounds while the two are too close to tell apart: `compare_modes`), and caches the choice per network, objective,
 per-replica batch, device and TensorFlow version, so that later runs pay nothing. Timing computes gradients only:
 no weight, optimizer slot or step changes, and the dropout RNG state is put back, so the training that follows
-does not depend on the measurement (beyond XLA's own random stream).
+does not depend on the measurement, and both modes draw the same random numbers (interpolants.uniform).
 `choose_sampler_xla` does the same for the evaluator's sampler (step kind "sample"): a one-step call of each
 compiled sampler on the evaluation batch, cached per network, sampler, batch, device, precision and TF version.
 """

@@ -9,13 +9,15 @@ once and never flipped anywhere else.
 
 Shapes: images `[B, H, W, C]`, times and step sizes `[B]` (scalars broadcast).
 """
+import math
 import zlib
 
 import tensorflow as tf
 
 EPS = 1e-5  # Training times are drawn from U(EPS, 1).
-# The stateless generator, named rather than "auto_select". XLA's kernels of it return other numbers than TF's
-# for the same seed, so a --jit_compile run draws other (equally reproducible) noise than a run without it.
+# The stateless generator, named rather than "auto_select". Its raw 32-bit words are the same under XLA and in TF's
+# kernels (on CPUs and GPUs alike), but the two turn them into floats differently, so `uniform` and `normal`
+# convert the words themselves: a step draws the same numbers with --jit_compile and without it.
 ALG = "philox"
 
 STEP_STRATEGIES = ("origin", "uniform", "rule")
@@ -67,6 +69,22 @@ def step_size(r, t, strategy, num_grid_steps):
     raise ValueError(f"unknown step-size strategy {strategy!r}; expected one of {STEP_STRATEGIES}")
 
 
+def uniform(shape, seed):
+    """U[0, 1) float32 of `shape` from the stateless Philox words of `seed` `[2]`: each word's top 23 bits are the
+    mantissa of a float in [1, 2), less 1. Integer and bit operations only, so XLA and TF's kernels agree exactly.
+    """
+    words = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=ALG)
+    mantissa = tf.bitwise.bitwise_or(tf.bitwise.right_shift(words, 9), tf.constant(0x3F800000, tf.uint32))
+    return tf.bitcast(mantissa, tf.float32) - 1.0
+
+
+def normal(shape, seed):
+    """N(0, 1) float32 of `shape` by Box-Muller from two `uniform` draws of `seed`: `sqrt(-2 log(1 - u1))
+    cos(2 pi u2)`. XLA and TF's kernels agree to the rounding of their log and cos (a few ulps)."""
+    u = uniform(tf.concat([[2], tf.cast(shape, tf.int32)], 0), seed)
+    return tf.sqrt(-2.0 * tf.math.log(1.0 - u[0])) * tf.cos((2.0 * math.pi) * u[1])
+
+
 def fold_seed(seed, *data):
     """Derives a stateless seed `[2]` int32 from a base seed and integers or names (step, purpose)."""
     seed = tf.convert_to_tensor(seed)
@@ -101,14 +119,12 @@ class Rng:
 
     def uniform(self, purpose, batch_size, inner_shape=()):
         """U(0, 1) of shape `[b, *inner_shape]` float32."""
-        return self._slice(lambda s, sd: tf.random.stateless_uniform(s, seed=sd, alg=ALG), batch_size,
-                           list(inner_shape), purpose)
+        return self._slice(uniform, batch_size, list(inner_shape), purpose)
 
     def normal(self, purpose, like):
         """N(0, I) with the shape of `like` `[b, ...]`."""
         shape = tf.shape(like)
-        return self._slice(lambda s, sd: tf.random.stateless_normal(s, seed=sd, alg=ALG), shape[0], shape[1:],
-                           purpose)
+        return self._slice(normal, shape[0], shape[1:], purpose)
 
     def child(self, purpose):
         """An independent Rng for a sub-computation."""

@@ -34,3 +34,22 @@ def test_rng_slices_of_the_global_batch_equal_one_device_draws():
     a = interpolants.Rng(seed).uniform("t", 6)
     b = interpolants.Rng(seed).uniform("h", 6)
     assert not np.allclose(a, b)  # purposes are independent streams
+
+
+def test_draws_are_the_same_with_and_without_xla_and_have_their_distributions():
+    """uniform / normal convert TF's stateless Philox words themselves: under XLA the same uniforms bit for bit and
+    the same normals to the rounding of log and cos (TF's own stateless_uniform differs between the two)."""
+    seed = interpolants.fold_seed(11, "z")
+
+    def draws():
+        return interpolants.uniform([4000], seed), interpolants.normal([20000], seed)
+
+    (u, z), (u_xla, z_xla) = tf.function(draws)(), tf.function(draws, jit_compile=True)()
+    np.testing.assert_array_equal(u, u_xla)
+    np.testing.assert_allclose(z, z_xla, rtol=1e-5, atol=1e-5)
+    u, z = u.numpy(), z.numpy()
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.015 and abs(u.var() - 1 / 12) < 0.005
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1.0) < 0.02 and abs(np.mean(z ** 3)) < 0.06
+    assert abs(np.mean(np.abs(z) < 1.0) - 0.6827) < 0.01  # the normal's mass within one standard deviation
+    np.testing.assert_array_equal(interpolants.uniform([4000], seed), u)  # stateless: the same seed, the same draw
+    assert not np.array_equal(interpolants.uniform([4000], interpolants.fold_seed(12, "z")), u)

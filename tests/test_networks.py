@@ -12,7 +12,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from helpers import tiny_unet_config
-from cud_tf.networks.layers import AttnBlock, GroupNorm, QKVAttnBlock, ResBlock, group_norm
+from cud_tf.networks.layers import AttnBlock, Dropout, GroupNorm, QKVAttnBlock, ResBlock, group_norm
 from cud_tf.networks.unet import UNetConfig, VelocityUNet, checkpoint_variables, encode_noise, noise_encoder_config
 from trainers import common
 from trainers import cud as cud_trainer
@@ -224,6 +224,28 @@ def test_group_norm_under_mixed_bfloat16_keeps_float32_statistics():
     assert y.dtype == tf.bfloat16 and layer.gamma.dtype == tf.float32
     reference = group_norm(16)(tf.cast(tf.cast(x, tf.bfloat16), tf.float32))
     np.testing.assert_allclose(tf.cast(y, tf.float32), reference, atol=0.05)
+
+
+def test_dropout_is_keras_dropout_with_a_mask_the_same_under_xla():
+    """Rate and 1 / (1 - rate) scaling as Keras' Dropout, identity at inference, a new mask per call (the seed
+    generator advances), and the same mask with and without XLA from the same seed state."""
+    x = tf.ones([64, 8, 8, 4])
+    layers_ = [Dropout(0.25), Dropout(0.25)]
+    for layer in layers_:
+        layer.build(x.shape)
+    layers_[1].seed_generator.state.assign(layers_[0].seed_generator.state)
+    graph, xla = tf.function(lambda: layers_[0](x, training=True)), tf.function(
+        lambda: layers_[1](x, training=True), jit_compile=True)
+    first, second = graph().numpy(), graph().numpy()
+    assert set(np.unique(first)) == {0.0, np.float32(1 / 0.75)}
+    assert abs(np.mean(first == 0) - 0.25) < 0.02
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(xla(), first)
+    np.testing.assert_array_equal(xla(), second)
+    np.testing.assert_array_equal(layers_[0](x, training=False), x)
+    assert [v.path.split("/")[-1] for v in layers_[0].variables] == ["seed_generator_state"]
+    with pytest.raises(ValueError, match="noise_shape"):
+        Dropout(0.1, noise_shape=[1, 1, 1, 4])
 
 
 def test_adm_form_network():

@@ -8,6 +8,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from cud_tf import interpolants
+
 
 def zero_init():
     """Near-zero initialiser for the last conv of a residual branch or an output head (DDPM's init_scale=0)."""
@@ -106,6 +108,26 @@ class TimeEmbedding(layers.Layer):
         return ops.silu(emb)
 
 
+class Dropout(layers.Dropout):
+    """Keras' Dropout (same rate, scaling by 1 / (1 - rate), seed generator and checkpoint variables) with its mask
+    drawn by `interpolants.uniform`, so that a step draws the same mask with --jit_compile and without it (Keras'
+    mask comes from TF's stateless uniform, whose floats differ between XLA and TF's kernels). One mask entry per
+    input entry (no `noise_shape`)."""
+
+    def __init__(self, rate, **kw):
+        if kw.get("noise_shape") is not None:
+            raise ValueError("cud_tf's Dropout draws one mask entry per input entry: noise_shape is not supported")
+        super().__init__(rate, **kw)
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        seed = self.seed_generator.next()  # the state, then advanced: int64 `[2]`, kept in int32 as Keras does
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        keep = interpolants.uniform(tf.shape(inputs), seed) >= self.rate
+        return tf.where(keep, inputs / tf.cast(1.0 - self.rate, inputs.dtype), tf.zeros_like(inputs))
+
+
 # DDPM++ residual block (Song et al. 2021; the CUD reference's UNetBlock), with ADM's options (Dhariwal & Nichol 2021).
 class ResBlock(layers.Layer):
     """`x [B,H,W,C_in], emb [B,E] -> [B,H',W',C_out]`: GN -> SiLU -> conv3x3, + Dense(emb), GN -> SiLU -> dropout
@@ -137,7 +159,7 @@ class ResBlock(layers.Layer):
         emb_out = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
         self.emb_proj = layers.Dense(emb_out, name="emb_proj")
         self.norm1 = group_norm(self.out_channels, name="norm1")
-        self.dropout = layers.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
         self.conv1 = layers.Conv2D(self.out_channels, 3, padding="same", kernel_initializer=zero_init(), name="conv1")
         project = in_channels != self.out_channels or (self.resample is not None and self.resample_proj)
         self.skip = layers.Conv2D(self.out_channels, 1, name="skip") if project else None
