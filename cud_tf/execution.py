@@ -127,11 +127,21 @@ def paired_log_ratio(numerator, denominator):
 TOLERANCE, Z = 0.05, 1.645
 
 
+def decide(rounds):
+    """({xla: median seconds}, settled) from rounds [{False: graph seconds, True: XLA seconds}] timed side by side:
+    settled when the faster median is at most TOLERANCE slower than the other mode, as the mean of the rounds'
+    paired log(XLA / graph) plus Z standard errors says (at once when the modes are far apart, after more rounds
+    in a near-tie)."""
+    seconds = {xla: float(np.median([r[xla] for r in rounds])) for xla in (False, True)}
+    mean, se = paired_log_ratio([r[True] for r in rounds], [r[False] for r in rounds])  # mean > 0: XLA slower
+    risk = mean if seconds[True] < seconds[False] else -mean  # log of how much slower the pick may be
+    return seconds, bool(risk + Z * se < np.log1p(TOLERANCE))
+
+
 def compare_modes(fns: dict, steps, warmup, per_mode, max_rounds=None):
     """({xla: median seconds}, rounds): alternated rounds of `fns` (`interleaved_times`), each reduced to {xla:
-    seconds} by `per_mode`, `steps` rounds at a time until the faster median is at most TOLERANCE slower than the
-    other mode: the mean of the rounds' paired log(XLA / graph) plus Z standard errors says so (at once when the
-    modes are far apart; a near-tie takes more rounds), or `max_rounds` (default 6 * steps) are spent."""
+    seconds} by `per_mode`, `steps` rounds at a time until `decide` says the faster is known well enough, or
+    `max_rounds` (default 6 * steps) are spent."""
     max_rounds = max_rounds or 6 * steps
     rounds = []
     while True:
@@ -139,14 +149,12 @@ def compare_modes(fns: dict, steps, warmup, per_mode, max_rounds=None):
         order = fns if len(rounds) % 2 == 0 else dict(reversed(fns.items()))
         times = interleaved_times(order, steps, warmup if not rounds else 0)
         rounds += [per_mode({name: t[i] for name, t in times.items()}) for i in range(steps)]
-        seconds = {xla: float(np.median([r[xla] for r in rounds])) for xla in (False, True)}
-        mean, se = paired_log_ratio([r[True] for r in rounds], [r[False] for r in rounds])  # mean > 0: XLA slower
-        risk = mean if seconds[True] < seconds[False] else -mean  # log of how much slower the pick may be
-        if risk + Z * se < np.log1p(TOLERANCE) or len(rounds) >= max_rounds:
+        seconds, settled = decide(rounds)
+        if settled or len(rounds) >= max_rounds:
             return seconds, len(rounds)
 
 
-def _measured_choice(seconds, rounds):
+def measured_choice(seconds, rounds):
     """The cached record of a measurement {xla: seconds}: the faster mode, both timings, rounds, device and TF."""
     return dict(xla=seconds[True] < seconds[False], graph_s=seconds[False], xla_s=seconds[True], rounds=rounds,
                 device=device_name(), tensorflow=tf.__version__)
@@ -187,7 +195,7 @@ def choose_xla(model, strategy, dist_batch, steps: int = 5, warmup: int = 2, log
                                       / sum(w for _, w in kinds) for xla in (False, True)})
     for v, value in state:
         v.assign(value)
-    choice = _measured_choice(seconds, rounds)
+    choice = measured_choice(seconds, rounds)
     model.xla = choice["xla"]
     store(key, choice, log=log)
     return dict(choice, source="measured", key=key)
@@ -211,6 +219,80 @@ def choose_sampler_xla(make_sampler, args, net, sampler: str, extra=None, steps:
         return make_sampler(bool(hit["xla"])), dict(hit, source="cache", key=key)
     fns = {xla: make_sampler(xla) for xla in (False, True)}
     seconds, rounds = compare_modes({xla: lambda fn=fn: fn(*args) for xla, fn in fns.items()}, steps, warmup, dict)
-    choice = _measured_choice(seconds, rounds)
+    choice = measured_choice(seconds, rounds)
     store(key, choice, log=log)
     return fns[choice["xla"]], dict(choice, source="measured", key=key)
+
+
+# Re-checks during training (`--jit_recheck_minutes`): only while the modes are this close (the load of a shared
+# machine moved them by ~10% either way; gaps of 1.3x and more kept their order in every measurement here), at most
+# this many rounds per check (a tie that many rounds cannot settle costs little whichever mode runs), and at least
+# this many steps after the last check.
+NEAR, RECHECK_ROUNDS, RECHECK_MIN_STEPS = 0.25, 10, 100
+
+
+def near(graph_s, xla_s) -> bool:
+    """Whether the two modes' step times are within NEAR of each other."""
+    return max(graph_s, xla_s) < (1.0 + NEAR) * min(graph_s, xla_s)
+
+
+class Rechecks:
+    """Graph mode against XLA again during training, every `minutes`, on the run's own training steps.
+
+    Where two modes are close, their ranking moves with a shared machine's load (docs/speed.md), so the probe's one
+    measurement at the start can leave a long run in the slower mode. A check runs `period` warm-up steps of the
+    other mode, then rounds of `period` steps in each mode (one cycle of the model's step kinds; which mode goes
+    first alternates), `steps` rounds at a time, until `decide` settles or RECHECK_ROUNDS rounds are spent; a
+    settled check runs the faster mode from then on, an unsettled one keeps the mode. A check's steps are real
+    training steps with the same random numbers in either mode (interpolants.uniform), so a check costs only the
+    other mode's extra time. Checks stop for good once one finds the modes more than NEAR apart.
+
+    The loop asks `mode()` before each step and reports `record(xla, seconds)` after it; `record` returns a
+    finished check {"graph_s", "xla_s" (seconds per step), "rounds", "settled", "xla", "switched"}, else None.
+    """
+
+    def __init__(self, choice: dict, minutes: float, period: int = 1, steps: int = 5, clock=time.perf_counter):
+        self.xla, self.period, self.steps, self.clock = bool(choice["xla"]), period, steps, clock
+        self.interval = minutes * 60.0
+        self.active = minutes > 0 and "graph_s" in choice and near(choice["graph_s"], choice["xla_s"])
+        self._since, self._steps_since = clock(), 0
+        self._plan, self._rounds = [], []  # plan: [(xla, round index or None for warm-up)], one entry per step
+
+    def mode(self) -> bool:
+        """The mode of the next step (True: XLA); starts a check when one is due."""
+        if (not self._plan and self.active and self._steps_since >= RECHECK_MIN_STEPS
+                and self.clock() - self._since >= self.interval):
+            self._plan = [(not self.xla, None)] * self.period
+            self._plan_rounds()
+        return self._plan[0][0] if self._plan else self.xla
+
+    def _plan_rounds(self):
+        for r in range(len(self._rounds), len(self._rounds) + self.steps):
+            self._rounds.append({False: 0.0, True: 0.0})
+            first = self.xla if r % 2 == 0 else not self.xla
+            self._plan += [(first, r)] * self.period + [(not first, r)] * self.period
+
+    def record(self, xla: bool, seconds: float):
+        """Reports a step's wall seconds in mode `xla`; returns a finished check's record, else None."""
+        if not self._plan:
+            self._steps_since += 1
+            return None
+        planned, r = self._plan.pop(0)
+        if planned != xla:
+            raise ValueError(f"a step ran with XLA {'on' if xla else 'off'} while the check planned the other mode")
+        if r is not None:
+            self._rounds[r][xla] += seconds / self.period
+        if self._plan:
+            return None
+        seconds_, settled = decide(self._rounds)
+        if not settled and len(self._rounds) < RECHECK_ROUNDS:
+            self._plan_rounds()
+            return None
+        previous = self.xla
+        if settled:
+            self.xla = seconds_[True] < seconds_[False]
+        self.active = near(seconds_[False], seconds_[True])
+        check = dict(graph_s=seconds_[False], xla_s=seconds_[True], rounds=len(self._rounds), settled=settled,
+                     xla=self.xla, switched=self.xla != previous)
+        self._since, self._steps_since, self._rounds = self.clock(), 0, []
+        return check

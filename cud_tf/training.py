@@ -38,6 +38,7 @@ class LoopConfig:
     num_sample_images: int = 10
     seed: int = 0
     progress: bool = True
+    jit_recheck_minutes: float = 10.0  # --jit_compile unset: re-check the modes this often (0: never; execution)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -217,8 +218,8 @@ def _start_line(model, strategy, cfg, resumed):
             f"to step {cfg.train_steps}")
 
 
-def _choose_xla(model, strategy, dist_dataset, cfg, log, chief):
-    """Sets model.xla by measurement (or its cache), logs one line, and records the choice in the run."""
+def _choose_xla(model, strategy, dist_dataset, cfg, log, chief) -> dict:
+    """Sets model.xla by measurement (or its cache), logs one line, records the choice in the run and returns it."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is not None and sum(len(t) for t in resolver.cluster_spec().as_dict().values()) > 1:
         model.xla = False  # each worker would measure on its own: agree on graph mode unless told otherwise
@@ -231,13 +232,31 @@ def _choose_xla(model, strategy, dist_dataset, cfg, log, chief):
         log(f"--jit_compile unset: XLA {'on' if model.xla else 'off'}, {choice['source']}{timing}; pass "
             "--jit_compile or --nojit_compile to choose")
         run_dir.write_json(os.path.join(cfg.run_dir, "execution.json"), choice)
+    return choice
+
+
+def _rechecked(choice, check, step, cfg, log, chief):
+    """Logs a finished re-check (`execution.Rechecks`), adds it to execution.json and, when it switched the mode,
+    to the cache, so that the next run starts in the mode found faster last."""
+    if not chief:
+        return
+    choice.setdefault("checks", []).append(dict(check, step=step))
+    log(f"step {step}: re-checked graph mode against XLA on {check['rounds']} rounds of training steps (graph "
+        f"{check['graph_s'] * 1e3:.0f} ms, XLA {check['xla_s'] * 1e3:.0f} ms a step): XLA "
+        f"{'on' if check['xla'] else 'off'}{', switched' if check['switched'] else ''}")
+    run_dir.write_json(os.path.join(cfg.run_dir, "execution.json"), choice)
+    if check["switched"] and "key" in choice:
+        execution.store(choice["key"], execution.measured_choice({False: check["graph_s"], True: check["xla_s"]},
+                                                                 check["rounds"]), log=log)
 
 
 def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief, ckpt, stop, on_step):
     resumed = ckpt.restore()
     start = int(model.step.numpy())
+    checks, choice = None, None
     if model.xla is None:  # --jit_compile unset: graph mode or XLA, whichever is faster here (cud_tf.execution)
-        _choose_xla(model, strategy, make_dist_dataset(start), cfg, log, chief)
+        choice = _choose_xla(model, strategy, make_dist_dataset(start), cfg, log, chief)
+        checks = execution.Rechecks(choice, cfg.jit_recheck_minutes, period=sum(w for _, w in model.step_kinds()))
     if chief:
         log(_start_line(model, strategy, cfg, resumed))
     t_start = time.perf_counter()
@@ -246,7 +265,10 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
     iterator = iter(make_dist_dataset(start))
 
     @tf.function
-    def train_step(it, preempted):
+    def train_step(it, preempted, xla):
+        """One step; `xla` (a Python bool, equal to model.xla) keys one trace per mode."""
+        del xla
+
         def replica_step(batch, preempted_):
             out = model.train_step(batch)
             out["preempted"] = tf.cast(preempted_, tf.float32)  # summed: > 0 when any worker got SIGTERM
@@ -276,9 +298,15 @@ def _train_loop(model, strategy, make_dist_dataset, cfg, image_shape, log, chief
     metrics, t_log, step_log = {}, time.perf_counter(), start
     step, last_saved = start, start if ckpt.latest else None
     while step < cfg.train_steps:
-        out = train_step(iterator, tf.constant(stop.stop))
-        step += 1
+        if checks is not None:
+            model.xla = checks.mode()
+        t0 = time.perf_counter()
+        out = train_step(iterator, tf.constant(stop.stop), bool(model.xla))
         metrics = {k: float(v) for k, v in out.items()}
+        step += 1
+        check = checks.record(model.xla, time.perf_counter() - t0) if checks is not None else None
+        if check is not None:
+            _rechecked(choice, check, step, cfg, log, chief)
         preempted = metrics.pop("preempted") > 0
         if metrics.get("nonfinite", 0.0) > 0 and cfg.nonfinite == "stop":
             raise TrainingError(

@@ -186,3 +186,90 @@ def test_a_cpu_device_name_tells_avx512_from_avx2():
     name = execution.device_name()
     assert name.endswith(", avx512f)") == ("avx512f" in flags)
     assert name.endswith(", avx2)") == ("avx2" in flags and "avx512f" not in flags)
+
+
+class Clock:
+    """A stand-in clock that the simulated steps advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def simulate(checks, clock, step_seconds, steps):
+    """Runs `steps` steps through `checks` (mode, then record); step_seconds(xla, i) -> seconds. Returns the modes
+    run and the finished checks, with their step numbers."""
+    modes, finished = [], []
+    for i in range(steps):
+        xla = checks.mode()
+        seconds = step_seconds(xla, i)
+        clock.now += seconds
+        modes.append(xla)
+        check = checks.record(xla, seconds)
+        if check is not None:
+            finished.append(dict(check, step=i + 1))
+    return modes, finished
+
+
+NEAR_TIE = dict(xla=False, graph_s=1.0, xla_s=1.1)
+
+
+def test_a_recheck_switches_to_the_mode_that_became_faster():
+    """Graph mode won the probe by 10%; then the machine's load slows it to 1.3 s a step while XLA takes 1.1 s. No
+    check before `minutes` and RECHECK_MIN_STEPS steps; then one warm-up step of XLA, and rounds of one step in each
+    mode, first graph then XLA, then reversed; a 2-round-sure gap settles after the first block of 5 rounds."""
+    clock = Clock()
+    checks = execution.Rechecks(NEAR_TIE, minutes=2.0, clock=clock)
+    modes, finished = simulate(checks, clock, lambda xla, i: 1.1 if xla else 1.3, 200)
+    start = execution.RECHECK_MIN_STEPS  # 100 steps of 1.3 s: past the 2 minutes too
+    assert modes[:start] == [False] * start
+    rounds = [[False, True] if r % 2 == 0 else [True, False] for r in range(5)]
+    assert modes[start:start + 11] == [True] + [m for pair in rounds for m in pair]
+    assert finished == [dict(graph_s=pytest.approx(1.3), xla_s=pytest.approx(1.1), rounds=5, settled=True, xla=True,
+                             switched=True, step=start + 11)]
+    assert modes[start + 11:] == [True] * (200 - start - 11)
+    assert checks.active  # 18% apart: still close enough to check again later
+
+
+def test_rechecks_keep_the_mode_in_an_unsettled_tie_and_stop_when_the_modes_are_far_apart():
+    """An even tie whose XLA steps vary by 50% stays unsettled for RECHECK_ROUNDS rounds: the mode is kept. A check
+    that finds the modes 3x apart, or a probe that did, or no probe timings, or minutes=0: no (more) checks."""
+    clock = Clock()
+    checks = execution.Rechecks(NEAR_TIE, minutes=1.0, clock=clock)
+    xla_calls = []
+    noisy = lambda xla, i: (1.25 if xla_calls.append(i) or len(xla_calls) % 2 else 0.8) if xla else 1.0  # noqa: E731
+    modes, finished = simulate(checks, clock, noisy, 100 + 1 + 2 * execution.RECHECK_ROUNDS + 5)
+    assert [(c["rounds"], c["settled"], c["xla"], c["switched"]) for c in finished] == [
+        (execution.RECHECK_ROUNDS, False, False, False)]
+    assert checks.active and modes[-5:] == [False] * 5
+
+    clock = Clock()
+    checks = execution.Rechecks(NEAR_TIE, minutes=1.0, clock=clock)
+    _, finished = simulate(checks, clock, lambda xla, i: 3.0 if xla else 1.0, 300)
+    assert len(finished) == 1 and finished[0]["xla"] is False and not checks.active  # 3x apart: no more checks
+    far = execution.Rechecks(dict(xla=True, graph_s=2.0, xla_s=1.0), minutes=1.0, clock=Clock())
+    assert not far.active  # the probe found them 2x apart: never checked
+    assert not execution.Rechecks(dict(xla=False, source="multi-worker default"), minutes=1.0).active
+    assert not execution.Rechecks(NEAR_TIE, minutes=0.0).active
+
+
+def test_a_recheck_round_spans_a_cycle_of_step_kinds():
+    """period 2 (e.g. DisBack's generator step, then a fake-only step): warm-up and each mode's part of a round are
+    two steps, so every part holds one step of each kind; a round's time is per step."""
+    clock = Clock()
+    checks = execution.Rechecks(NEAR_TIE, minutes=0.0001, period=2, clock=clock)
+    cost = lambda xla, i: (2.0 if i % 2 == 0 else 1.0) * (0.5 if xla else 1.0)  # noqa: E731
+    modes, finished = simulate(checks, clock, cost, 100 + 2 + 20)
+    assert modes[100:108] == [True, True, False, False, True, True, True, True]
+    assert finished[0]["graph_s"] == pytest.approx(1.5) and finished[0]["xla_s"] == pytest.approx(0.75)
+
+
+def test_a_step_in_another_mode_than_the_check_planned_is_an_error():
+    clock = Clock()
+    checks = execution.Rechecks(NEAR_TIE, minutes=0.0001, clock=clock)
+    simulate(checks, clock, lambda xla, i: 1.0, execution.RECHECK_MIN_STEPS)
+    assert checks.mode() is True  # the check's warm-up step of the other mode
+    with pytest.raises(ValueError, match="planned the other mode"):
+        checks.record(False, 1.0)

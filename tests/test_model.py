@@ -103,24 +103,6 @@ def test_sync_ema_copies_the_optimizer_average_into_ema_net():
 
 
 
-def test_xla_step_equals_graph_step():
-    """--jit_compile runs the same maths on the same random numbers: CUD K=2 with the noise encoder and dropout (the
-    times, step sizes, noises and dropout masks all drawn), one step with and without XLA."""
-    images = np.random.RandomState(2).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
-    models = []
-    for jit in (False, True):
-        tf.keras.utils.set_random_seed(0)  # the same weights and dropout seed states
-        net = VelocityUNet(tiny(num_heads=2, dropout=0.3)).build_variables()
-        encoder = VelocityUNet(noise_encoder_config(tiny(num_heads=2, dropout=0.3))).build_variables()
-        models.append(DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=2), OptimConfig(learning_rate=1e-3),
-                                     global_batch_size=B, seed=3, encoder=encoder, jit_compile=jit))
-    m_graph, m_xla = (run_steps(tf.distribute.get_strategy(), m, images, 1) for m in models)
-    for name in ("loss", "kd1", "kd2", "kl"):
-        np.testing.assert_allclose(float(m_graph[name]), float(m_xla[name]), rtol=1e-4, atol=1e-8, err_msg=name)
-    for a, b in zip(models[0].net.trainable_variables, models[1].net.trainable_variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
-
-
 def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_path, monkeypatch):
     """--jit_compile unset: a few timed steps of graph mode and XLA pick the faster; the timing changes no
     weight, slot, step or dropout RNG state; a second run of the same configuration reads the cache."""
@@ -163,6 +145,50 @@ def test_xla_choice_by_measurement_is_cached_and_leaves_the_model_as_it_was(tmp_
     second = model()
     cached = execution.choose_xla(second, strategy, batch)
     assert cached["source"] == "cache" and second.xla == first.xla and cached["key"] == choice["key"]
+
+
+def test_xla_steps_equal_graph_steps_and_training_rechecks_the_mode_on_its_own_steps(tmp_path, monkeypatch):
+    """--jit_compile unset, a near-tie at the start: after RECHECK_MIN_STEPS steps a re-check runs training steps in
+    both modes (the timing's verdict stubbed: XLA 2x faster), switches to XLA, logs and records it in
+    execution.json and the cache. The weights equal those of a run in graph mode throughout: XLA steps run the
+    same maths on the same random numbers (CUD K=1 with dropout, its catch-up slope a pass of its own: times,
+    step sizes, noises and dropout masks all drawn)."""
+    from cud_tf import execution, training
+    monkeypatch.setenv("CUD_TF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(execution, "RECHECK_MIN_STEPS", 2)
+    monkeypatch.setattr(execution, "decide", lambda rounds: ({False: 0.02, True: 0.01}, True))
+
+    def probe(model, strategy, batch, log=print):
+        model.xla = False
+        return dict(xla=False, graph_s=0.010, xla_s=0.011, source="measured", key="k")
+
+    monkeypatch.setattr(execution, "choose_xla", probe)
+    images = np.random.RandomState(5).uniform(-1, 1, (B, 8, 8, 1)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": np.zeros(B, np.int32)}).repeat()
+    weights, lines = [], []
+    for jit in (None, False):
+        tf.keras.utils.set_random_seed(0)  # the same weights and dropout seed states
+        net = VelocityUNet(tiny(dropout=0.2)).build_variables()
+        model = DiffusionModel(net, OBJECTIVES["cud"], ObjectiveConfig(order=1), OptimConfig(learning_rate=1e-3),
+                               global_batch_size=B, seed=3, jit_compile=jit)
+        run = str(tmp_path / f"run_{jit}")
+        loop = training.LoopConfig(run_dir=run, train_steps=15, checkpoint_every=100, sample_nfes=(1,),
+                                   num_sample_images=2, progress=False, jit_recheck_minutes=1e-9)
+        training.train(model, tf.distribute.get_strategy(),
+                       lambda start: tf.distribute.get_strategy().experimental_distribute_dataset(ds), loop,
+                       {"arch": "tiny"}, (8, 8, 1), log=lines.append)
+        weights.append([v.numpy() for v in model.net.trainable_variables])
+        if jit is None:
+            assert model.xla is True
+            recorded = json.load(open(f"{run}/execution.json"))
+            # steps 1-2 graph, 3: XLA's warm-up, 4-13: five rounds of one step per mode, 14-15: XLA
+            assert recorded["checks"] == [dict(graph_s=0.02, xla_s=0.01, rounds=5, settled=True, xla=True,
+                                               switched=True, step=13)]
+            assert json.load(open(execution.cache_path()))["k"]["xla"] is True
+            assert any(line.startswith("step 13: re-checked graph mode against XLA on 5 rounds") and
+                       line.endswith("XLA on, switched") for line in lines)
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 # mixed_float16: each group's AdamW inside Keras' LossScaleOptimizer; the model scales the loss, all-reduces, checks

@@ -21,8 +21,8 @@ DEFINED_BY = {}  # flag name -> the module whose define_flags defined it (`own_f
 # the recorded value (cud_tf.run_dir.open_run).
 MUTABLE = {"run_dir", "train_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "progress",
            "nonfinite", "sample_nfes", "sample_method", "sample_head", "num_sample_images", "data_dir", "manual_dir",
-           "download", "strategy", "jit_compile", "eval_every", "eval_nfe", "eval_samples", "eval_classifier_dir",
-           "eval_min_accuracy", "export_model"}
+           "download", "strategy", "jit_compile", "jit_recheck_minutes", "eval_every", "eval_nfe", "eval_samples",
+           "eval_classifier_dir", "eval_min_accuracy", "export_model"}
 
 
 def define(define_fn, name, *args, record=True, **kw):
@@ -70,6 +70,10 @@ def define_flags():
     define(d.DEFINE_boolean, "jit_compile", None, "Compile each replica's losses and gradients with XLA. Unset: "
            "graph mode or XLA, whichever a few timed steps find faster for this network, step and machine "
            "(cached; cud_tf.execution).")
+    define(d.DEFINE_float, "jit_recheck_minutes", default(L, "jit_recheck_minutes"), "--jit_compile unset: "
+           "minutes between re-checks of graph mode against XLA on the run's own training steps, while the two are "
+           "within 25% of each other (their ranking can move with a shared machine's load); 0: never.",
+           lower_bound=0.0)
     define(d.DEFINE_integer, "log_every", default(L, "log_every"), "Steps between TensorBoard scalars.",
            lower_bound=1)
     define(d.DEFINE_integer, "checkpoint_every", default(L, "checkpoint_every"), "Steps between checkpoints.",
@@ -235,7 +239,7 @@ def loop_config():
         keep_checkpoints=FLAGS.keep_checkpoints, nonfinite=FLAGS.nonfinite,
         sample_nfes=int_list(FLAGS.sample_nfes, "sample_nfes"), sample_method=FLAGS.sample_method,
         sample_head=FLAGS.sample_head, num_sample_images=FLAGS.num_sample_images, seed=FLAGS.seed,
-        progress=FLAGS.progress)
+        progress=FLAGS.progress, jit_recheck_minutes=FLAGS.jit_recheck_minutes)
 
 
 def fail(message):
