@@ -69,12 +69,16 @@ def step_size(r, t, strategy, num_grid_steps):
     raise ValueError(f"unknown step-size strategy {strategy!r}; expected one of {STEP_STRATEGIES}")
 
 
+def words(shape, seed):
+    """The stateless Philox generator's uint32 words of `shape` for `seed` `[2]`: the same under XLA and in TF."""
+    return tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=ALG)
+
+
 def uniform(shape, seed):
-    """U[0, 1) float32 of `shape` from the stateless Philox words of `seed` `[2]`: each word's top 23 bits are the
-    mantissa of a float in [1, 2), less 1. Integer and bit operations only, so XLA and TF's kernels agree exactly.
-    """
-    words = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=ALG)
-    mantissa = tf.bitwise.bitwise_or(tf.bitwise.right_shift(words, 9), tf.constant(0x3F800000, tf.uint32))
+    """U[0, 1) float32 of `shape` from `words(shape, seed)`: each word's top 23 bits are the mantissa of a float in
+    [1, 2), less 1. Integer and bit operations only, so XLA and TF's kernels agree exactly."""
+    mantissa = tf.bitwise.bitwise_or(tf.bitwise.right_shift(words(shape, seed), 9),
+                                     tf.constant(0x3F800000, tf.uint32))
     return tf.bitcast(mantissa, tf.float32) - 1.0
 
 
