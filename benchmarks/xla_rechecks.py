@@ -159,13 +159,13 @@ def table(result):
 
 def main(argv):
     del argv
+    from cud_tf import run_dir
     result = run()
     print(json.dumps(result, indent=1))
     print(table(result))
-    if FLAGS.out:
+    if FLAGS.out:  # atomically, next to the other runs' files
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=1)
+        run_dir.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":

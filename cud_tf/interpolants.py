@@ -16,8 +16,8 @@ import tensorflow as tf
 
 EPS = 1e-5  # Training times are drawn from U(EPS, 1).
 # The stateless generator, named rather than "auto_select". Its raw 32-bit words are the same under XLA and in TF's
-# kernels (on CPUs and GPUs alike), but the two turn them into floats differently, so `uniform` and `normal`
-# convert the words themselves: a step draws the same numbers with --jit_compile and without it.
+# kernels (measured on the CPU), but the two turn them into floats differently, so `uniform` and `normal` convert
+# the words themselves: a step draws the same numbers with --jit_compile and without it.
 ALG = "philox"
 
 STEP_STRATEGIES = ("origin", "uniform", "rule")
