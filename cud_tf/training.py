@@ -245,7 +245,7 @@ def _rechecked(choice, check, step, cfg, log, chief):
         f"{check['graph_s'] * 1e3:.0f} ms, XLA {check['xla_s'] * 1e3:.0f} ms a step): XLA "
         f"{'on' if check['xla'] else 'off'}{', switched' if check['switched'] else ''}")
     run_dir.write_json(os.path.join(cfg.run_dir, "execution.json"), choice)
-    if check["switched"] and "key" in choice:
+    if check["switched"]:  # only a measured or cached choice is re-checked, and it carries its cache key
         execution.store(choice["key"], execution.measured_choice({False: check["graph_s"], True: check["xla_s"]},
                                                                  check["rounds"]), log=log)
 

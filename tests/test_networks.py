@@ -244,6 +244,7 @@ def test_dropout_is_keras_dropout_with_a_mask_the_same_under_xla():
     np.testing.assert_array_equal(xla(), second)
     np.testing.assert_array_equal(layers_[0](x, training=False), x)
     assert [v.path.split("/")[-1] for v in layers_[0].variables] == ["seed_generator_state"]
+    np.testing.assert_array_equal(Dropout(1.0)(x, training=True), tf.zeros_like(x))  # Keras' range includes 1
     with pytest.raises(ValueError, match="noise_shape"):
         Dropout(0.1, noise_shape=[1, 1, 1, 4])
 

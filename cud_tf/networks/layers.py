@@ -123,6 +123,8 @@ class Dropout(layers.Dropout):
     def call(self, inputs, training=False):
         if not training or self.rate == 0:
             return inputs
+        if self.rate == 1:  # Keras' range includes 1: everything dropped (and no 2^32 threshold in a uint32)
+            return tf.zeros_like(inputs)
         seed = self.seed_generator.next()  # the state, then advanced: int64 `[2]`, kept in int32 as Keras does
         seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
         # A word below rate * 2^32 drops its entry: probability `rate` (to 2^-32).
