@@ -44,6 +44,7 @@ def main(reference_code, network_json, batch):
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
+
     print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), params=count(flow),
                           encoder_params=count(encoder))), file=protocol, flush=True)
     shape = (batch, kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
@@ -72,10 +73,11 @@ def main(reference_code, network_json, batch):
             emas = []
 
             def losses():
-                z, prior = torch.randn_like(x), 0.0
                 if enc:
                     z, mu, logvar = encoder(x, ones)
                     prior = 20.0 * utils.get_kl(mu, logvar)
+                else:
+                    z, prior = torch.randn_like(x), 0.0
                 z_t, t, target = rf.get_train_tuple(z0=x, z1=z)
                 return torch.mean((target - rf.model(z_t, t.squeeze())) ** 2) + prior
         elif base.startswith("cud") and base[3:] in ("1", "2", "3") and enc:
