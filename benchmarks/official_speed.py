@@ -5,13 +5,13 @@
 
 --reference_code is a checkout of github.com/shaoshitong/Catch-Up-Distillation (nothing of it is copied into
 cud-tf); --reference_python an interpreter with torch, which runs benchmarks/official_worker.py on it. The network
-is the --flagfile's (default the MNIST paper network, the authors' SongUNet: the worker checks that its parameter
-count equals cud-tf's). For each --methods step (rf, rf+enc; cudK+enc: CUD of order K with the noise encoder) the
-two sides train on a fixed batch of --batch_size (for "forward" they sample it in one step): cud-tf in graph mode
-and under XLA (the default, --jit_compile unset, takes the faster of the two by measurement), the official code in
-its own process. Each round runs one step of each of the three, in an order that reverses every round
-(cud_tf.execution.interleaved_times), so that a slow spell of a shared machine weighs on all alike. Prints JSON and
-a markdown table: median seconds and img/s per step, and the better cud-tf mode over the official code.
+is the --flagfile's (configs/mnist.cfg: the MNIST paper network, the authors' SongUNet; the worker checks that its
+parameter count equals cud-tf's). For each --methods step (rf, rf+enc; cudK+enc: CUD of order K with the noise
+encoder) the two sides train on a fixed batch of --batch_size (for "forward" they sample it in one step): cud-tf in
+graph mode and under XLA (the default, --jit_compile unset, takes the faster of the two by measurement), the
+official code in its own process. Each round runs one step of each of the three, in an order that reverses every
+round (cud_tf.execution.interleaved_times), so that a slow spell of a shared machine weighs on all alike. Prints
+JSON and a markdown table: median seconds and img/s per step, and the better cud-tf mode over the official code.
 """
 import json
 import os
