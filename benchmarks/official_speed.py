@@ -41,6 +41,7 @@ flags.DEFINE_multi_enum("modes", ["graph", "xla"], ["graph", "xla"],
                         "at batch 128 needs ~20 GiB of memory).")
 flags.DEFINE_string("out", "", "Write the JSON here too.")
 flags.mark_flag_as_required("reference_code")
+flags.register_validator("methods", bool, "--methods names at least one step")
 
 SIDES = ("cud-tf graph", "cud-tf XLA", "official")
 
@@ -101,7 +102,7 @@ def main(argv):
     import tensorflow as tf
 
     import speed  # build_model, parse_method
-    from cud_tf import data, execution, sampling
+    from cud_tf import data, execution, run_dir, sampling
     from cud_tf.networks.unet import VelocityUNet
 
     for name in FLAGS.methods:
@@ -124,6 +125,10 @@ def main(argv):
                  f"network {params}: not the same network")
     strategy = tf.distribute.get_strategy()
     rows = {}
+    report = dict(argv=sys.argv[1:], cpu=lscpu(), cpu_count=os.cpu_count(), tensorflow=tf.__version__,
+                  torch=official.info["torch"], torch_threads=official.info["threads"], batch_size=b,
+                  network=dict(songunet=kwargs, params=params, encoder_params=official.info["encoder_params"]),
+                  rounds=FLAGS.rounds, steps=rows)
     for name in FLAGS.methods:
         fns = {}
         for side, xla in zip(SIDES[:2], (False, True)):
@@ -148,17 +153,11 @@ def main(argv):
         rows[name] = row
         print(f"{name}: " + ", ".join(f"{s} {row[s]['img_per_s']:.1f} img/s" for s in SIDES if s in row),
               file=sys.stderr, flush=True)
-        report = dict(argv=sys.argv[1:], cpu=lscpu(), cpu_count=os.cpu_count(), tensorflow=tf.__version__,
-                      torch=official.info["torch"], torch_threads=official.info["threads"], batch_size=b,
-                      network=dict(songunet=kwargs, params=params, encoder_params=official.info["encoder_params"]),
-                      rounds=FLAGS.rounds, steps=rows)
-        text = json.dumps(report, indent=1)
-        if FLAGS.out:  # after every step, so that a long run keeps what it measured
+        if FLAGS.out:  # after every step, atomically, so that a long run keeps what it measured
             os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-            with open(FLAGS.out, "w") as f:
-                f.write(text)
+            run_dir.write_json(FLAGS.out, report)
     official.close()
-    print(text)
+    print(json.dumps(report, indent=1))
     print("\n| step | cud-tf graph img/s | cud-tf XLA img/s | official img/s | better cud-tf / official "
           "(medians; paired) |\n|---|---|---|---|---|")
     for name, r in rows.items():
