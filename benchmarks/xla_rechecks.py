@@ -9,9 +9,11 @@ A busy phase runs --busy_procs processes that spin on a core each, as another te
 In every phase each policy runs --phase_steps real train steps (the network and --global_batch_size of
 --flagfile; one model, so every policy trains the same weights) in blocks of --block_steps, the policies taking
 turns block by block in an order that rotates, so that a change of the machine's speed within a phase weighs on
-each alike. The default's probe runs once, on an empty cache, in the first phase; its re-checks
-are due every --check_minutes after --min_steps steps of its own (the trainers: 10 minutes, 100 steps), scaled
-down so that a phase of a benchmark holds one. Reported per phase: each policy's median and total seconds a
+each alike. --kind picks the step: rf, cud1 (CUD K=1), tract (one TRACT phase) or disback (DisBack's generator
+step, then 4 fake-only steps; its probe and re-checks time whole cycles of the two, as the trainer does). The
+default's probe runs once, on an empty cache, in the first phase; its re-checks are due every --check_minutes
+after --min_steps steps of its own (the trainers: 10 minutes, 100 steps), scaled down so that a phase of a
+benchmark holds one. Reported per phase: each policy's median and total seconds a
 step, the default's steps in XLA and its checks; overall: each policy's total and the default's total over the
 better fixed mode's and over the phase-by-phase best ("oracle"). Prints JSON and a markdown table.
 """
@@ -31,7 +33,9 @@ from trainers import common, cud as cud_trainer  # noqa: E402  (the network flag
 
 FLAGS = flags.FLAGS
 cud_trainer.define_flags()
-flags.DEFINE_enum("kind", "rf", ["rf", "cud1"], "Which train step.")
+flags.DEFINE_enum("kind", "rf", ["rf", "cud1", "tract", "disback"],
+                  "Which train step: rf, cud1 (CUD K=1), tract (one phase of TRACT), disback (DisBack's iterations: "
+                  "one generator step, then 4 fake-only steps).")
 flags.DEFINE_list("phases", ["quiet", "busy", "quiet", "busy"], "The load schedule: quiet or busy per phase.")
 flags.register_validator("phases", lambda v: bool(v) and set(v) <= {"quiet", "busy"},
                          "--phases takes a list of quiet and busy")
@@ -67,17 +71,26 @@ def build():
     """(model, batch) of --kind on the --flagfile network (dropout on, as in training)."""
     import tensorflow as tf
     from cud_tf.models.base import DiffusionModel, OptimConfig
+    from cud_tf.models.disback import DisbackModel
+    from cud_tf.models.tract import TractModel
     from cud_tf.networks.unet import VelocityUNet
-    from cud_tf.objectives import OBJECTIVES, ObjectiveConfig
+    from cud_tf.objectives import OBJECTIVES, ObjectiveConfig, disback, tract
 
     cfg = common.network_config((28, 28, 1), num_classes=0)
     b = FLAGS.global_batch_size
     batch = {"image": tf.random.stateless_uniform([b, 28, 28, 1], [0, 4], -1.0, 1.0), "label": tf.zeros([b], tf.int32)}
+    names = ("velocity",) if FLAGS.kind in ("rf", "cud1") else ("velocity", "second", "third")
+    nets = [VelocityUNet(cfg, name=n).build_variables() for n in names]
+    optim = OptimConfig(learning_rate=1e-5)
+    if FLAGS.kind == "tract":  # one phase throughout: a phase change would swap the teacher in mid-benchmark
+        return TractModel(*nets, tract.TractConfig(schedule=(64, 16), steps_per_phase=10 ** 6), optim, b,
+                          jit_compile=None), batch
+    if FLAGS.kind == "disback":  # generator, fake (score of the generator's samples), target: as the trainer
+        return DisbackModel(*nets, disback.DisbackConfig(fake_updates_per_generator=5), optim, b,
+                            jit_compile=None), batch
     objective, ocfg = (OBJECTIVES["rf"], ObjectiveConfig()) if FLAGS.kind == "rf" else (
         OBJECTIVES["cud"], ObjectiveConfig(order=1))
-    model = DiffusionModel(VelocityUNet(cfg).build_variables(), objective, ocfg, OptimConfig(learning_rate=1e-5), b,
-                           jit_compile=None)
-    return model, batch
+    return DiffusionModel(nets[0], objective, ocfg, optim, b, jit_compile=None), batch
 
 
 def run():
@@ -100,8 +113,10 @@ def run():
         float(train_step(xla))
         return time.perf_counter() - t0
 
-    for xla in (False, True):  # tracing and XLA compilation, outside every phase
-        step(xla)
+    period = sum(w for _, w in model.step_kinds())  # DisBack: a generator step, then the fake-only steps
+    for xla in (False, True):  # tracing and XLA compilation of every step kind, outside every phase
+        for _ in range(period):
+            step(xla)
     checks, choice = None, None
     phases = []
     for p, load in enumerate(FLAGS.phases):
@@ -112,7 +127,7 @@ def run():
                 os.environ["CUD_TF_CACHE"] = tempfile.mkdtemp()
                 choice = execution.choose_xla(model, strategy, batch, log=lambda _: None)
                 row["probe"] = {k: choice[k] for k in ("xla", "graph_s", "xla_s", "rounds")}
-                checks = execution.Rechecks(choice, FLAGS.check_minutes)
+                checks = execution.Rechecks(choice, FLAGS.check_minutes, period=period)  # as the trainers
             times = {policy: [] for policy in POLICIES}
             modes, done = [], []
             for b in range(FLAGS.phase_steps // FLAGS.block_steps):
