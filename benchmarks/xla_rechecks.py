@@ -13,9 +13,9 @@ each alike. --kind picks the step: rf, cud1 (CUD K=1), tract (one TRACT phase) o
 step, then 4 fake-only steps; its probe and re-checks time whole cycles of the two, as the trainer does). The
 default's probe runs once, on an empty cache, in the first phase; its re-checks are due every --check_minutes
 after --min_steps steps of its own (the trainers: 10 minutes, 100 steps), scaled down so that a phase of a
-benchmark holds one. Reported per phase: each policy's median and total seconds a
-step, the default's steps in XLA and its checks; overall: each policy's total and the default's total over the
-better fixed mode's and over the phase-by-phase best ("oracle"). Prints JSON and a markdown table.
+benchmark holds one. Reported per phase: each policy's median and total seconds a step, the default's steps in
+XLA and its checks; overall: each policy's total and the default's total over the better fixed mode's and over
+the phase-by-phase best ("oracle"). Prints JSON and a markdown table.
 """
 import json
 import os
