@@ -37,6 +37,16 @@ QUICKSTART = dict(image_shape=(28, 28, 1), base_channels=16, channel_mult=(1, 2,
                   attn_resolutions=(), mid_attention=False, dropout=0.0, cskip=0.25)
 
 
+def network(run_dir_path):
+    """The run's network, or without a run a quickstart-sized one with random weights (speed does not depend on
+    them)."""
+    from cud_tf import run_dir
+    from cud_tf.networks.unet import UNetConfig, VelocityUNet
+    if run_dir_path:
+        return run_dir.load_run(run_dir_path).net
+    return VelocityUNet(UNetConfig(**QUICKSTART), name="velocity").build_variables()
+
+
 def timed(fns):
     """Per-call wall times (s) of each fn() after one warm-up call each. Calls alternate between the fns, so a
     change in machine load hits them alike; at least min_calls each and min_seconds in all."""
@@ -55,13 +65,9 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from cud_tf import export, run_dir, sampling, solvers
-    from cud_tf.networks.unet import UNetConfig, VelocityUNet
+    from cud_tf import export, sampling, solvers
 
-    if FLAGS.run_dir:
-        net = run_dir.load_run(FLAGS.run_dir).net
-    else:
-        net = VelocityUNet(UNetConfig(**QUICKSTART), name="velocity").build_variables()
+    net = network(FLAGS.run_dir)
     cfg = export.ExportConfig(sampler=FLAGS.sampler, max_images=max(int(b) for b in FLAGS.batches),
                               max_steps=FLAGS.steps)
     shape = tuple(net.config.image_shape)

@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import export_speed  # noqa: E402  (QUICKSTART; imports trainers, which sets the oneDNN default)
+import export_speed  # noqa: E402  (network; imports trainers, which sets the oneDNN default)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run whose network to profile (default: a quickstart-sized network).")
@@ -62,13 +62,9 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from cud_tf import execution, run_dir, sampling
-    from cud_tf.networks.unet import UNetConfig, VelocityUNet
+    from cud_tf import execution, sampling
 
-    if FLAGS.run_dir:
-        net = run_dir.load_run(FLAGS.run_dir).net
-    else:
-        net = VelocityUNet(UNetConfig(**export_speed.QUICKSTART), name="velocity").build_variables()
+    net = export_speed.network(FLAGS.run_dir)
     forward = tf.function(lambda z: sampling.generate(net, z, 1))
     z = tf.random.stateless_normal([FLAGS.batch, *net.config.image_shape], seed=[0, 0])
     for _ in range(3):
