@@ -131,11 +131,11 @@ def main(argv):
                   rounds=FLAGS.rounds, steps=rows)
     for name in FLAGS.methods:
         fns = {}
+        net = VelocityUNet(cfg).build_variables() if name == "forward" else None  # one network for both modes
         for side, xla in zip(SIDES[:2], (False, True)):
             if ("xla" if xla else "graph") not in FLAGS.modes:
                 continue
             if name == "forward":
-                net = VelocityUNet(cfg).build_variables()
                 fns[side] = tf.function(lambda net=net: sampling.generate(net, batch["image"], 1), jit_compile=xla)
                 continue
             method, order, enc = speed.parse_method(name)

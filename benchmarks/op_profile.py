@@ -15,15 +15,14 @@ import collections
 import glob
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_speed  # noqa: E402  (network; imports trainers, which sets the oneDNN default)
+import speed  # noqa: E402  (median_seconds)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run whose network to profile (default: a quickstart-sized network).")
@@ -32,8 +31,9 @@ flags.DEFINE_integer("calls", 3, "Profiled calls (their op times are averaged)."
 flags.DEFINE_integer("timed_calls", 7, "Calls timed without the profiler (median reported).", lower_bound=1)
 flags.DEFINE_integer("top", 20, "Op types listed in the table.", lower_bound=1)
 
+
 def op_times(logdir):
-    """{op type: (total picoseconds, count)} of the kernels in the profiler trace under logdir."""
+    """Two Counters, {op type: total picoseconds} and {op type: kernels}, of the trace under logdir."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     totals, counts = collections.Counter(), collections.Counter()
@@ -67,13 +67,7 @@ def main(argv):
     net = export_speed.network(FLAGS.run_dir)
     forward = tf.function(lambda z: sampling.generate(net, z, 1))
     z = tf.random.stateless_normal([FLAGS.batch, *net.config.image_shape], seed=[0, 0])
-    for _ in range(3):
-        forward(z).numpy()
-    times = []
-    for _ in range(FLAGS.timed_calls):
-        t = time.perf_counter()
-        forward(z).numpy()
-        times.append(time.perf_counter() - t)
+    wall = speed.median_seconds(lambda: forward(z), FLAGS.timed_calls, 3)
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(FLAGS.calls):
@@ -85,7 +79,6 @@ def main(argv):
     all_ps = sum(totals.values())
     rows = [dict(op=op, ms_per_call=ps / FLAGS.calls / 1e9, share=ps / all_ps, count_per_call=counts[op] / FLAGS.calls)
             for op, ps in totals.most_common()]
-    wall = statistics.median(times)
     result = dict(network=dict(run_dir=os.path.abspath(FLAGS.run_dir) if FLAGS.run_dir else None,
                                image_shape=list(net.config.image_shape)),
                   batch=FLAGS.batch, tensorflow=tf.__version__, device=execution.device_name(),
