@@ -194,7 +194,8 @@ def sampling_rates(net, image_shape):
 
 
 def input_pipeline_rate(dcfg):
-    """Images/s of the training input pipeline alone (decode, scale, shuffle, batch)."""
+    """Images/s of the training input pipeline alone (decode, scale, shuffle, batch), without the trainers' op
+    determinism (benchmarks/input_pipeline.py compares the two)."""
     from cud_tf import data
     import tensorflow as tf
     tf.random.set_seed(None)  # a global seed breaks tf.data shuffles seeded by a tensor (as in the trainer)

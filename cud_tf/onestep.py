@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from cud_tf import interpolants, run_dir, solvers
+from cud_tf.data import pipeline
 from cud_tf.sampling import velocity_fn
 
 TRAJECTORIES = "trajectories.npz"
@@ -121,16 +122,5 @@ def make_dataset(pairs, stage, batch_size, seed, start_batch=0):
     (seed, stage, p)."""
     n = len(pairs["z"])
     ds = tf.data.Dataset.from_tensor_slices(dict(z=pairs["z"], target=pairs["target"][stage], label=pairs["label"]))
-    first = start_batch * batch_size
-    base = tf.constant([seed, stage], tf.int64)
-
-    def one_pass(p):
-        pass_seed = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(base, p), None, None,
-                                                tf.int64)
-        # The stream depends on the seed alone, never on a global TF seed (under global seed 0 TF's shuffle
-        # cannot take a tensor seed at all): the pass is built as in a graph without one.
-        tf.compat.v1.get_default_graph().seed = None
-        return ds.shuffle(n, seed=pass_seed, reshuffle_each_iteration=False)
-
-    out = tf.data.Dataset.counter(first // n).flat_map(one_pass).skip(first % n)
+    out = pipeline.seeded_passes(ds, n, start_batch * batch_size, tf.constant([seed, stage], tf.int64), n)
     return out.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

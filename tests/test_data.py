@@ -90,6 +90,33 @@ def test_each_pass_is_reshuffled(cfg):
     assert not np.array_equal(first["label"], second["label"])
 
 
+def stateful_ops(ds):
+    """Stateful op types in the functions of `ds`'s graph, less those tf.data's determinism rewrite passes over
+    (calls and control flow, whose bodies are functions too, and the file and range sources)."""
+    from tensorflow.core.framework import graph_pb2
+    from tensorflow.python.framework import op_def_registry
+    graph = graph_pb2.GraphDef.FromString(
+        tf.raw_ops.DatasetToGraphV2(input_dataset=tf.data.experimental.to_variant(ds)).numpy())
+    nodes = [n for f in graph.library.function for n in f.node_def]
+    passed = {"StatefulPartitionedCall", "If", "StatelessIf", "While", "StatelessWhile", "TFRecordDataset",
+              "TFRecordDatasetV2", "TensorSliceDataset", "RangeDataset", "FixedLengthRecordDataset",
+              "FixedLengthRecordDatasetV2", "TextLineDataset"}
+    return {n.op for n in nodes if getattr(op_def_registry.get(n.op), "is_stateful", False)} - passed
+
+
+def test_pipelines_keep_parallelism_under_op_determinism(cfg):
+    # A stateful op in any dataset function (Dataset.shuffle's seed generator inside flat_map) makes tf.data, under
+    # enable_op_determinism as the trainers run, turn every parallel map sequential and switch prefetch off.
+    from cud_tf import onestep
+    cfg = dataclasses.replace(cfg, split="test[:64]", random_flip=True)
+    assert stateful_ops(data.make_dataset(cfg, 16, seed=0)) == set()
+    pairs_ = dict(z=np.zeros([8, 2], np.float32), target=np.zeros([1, 8, 2], np.float32), label=np.zeros([8], np.int32))
+    assert stateful_ops(onestep.make_dataset(pairs_, 0, 4, seed=0, start_batch=3)) == set()
+    # The check itself sees the op that Dataset.shuffle adds there.
+    shuffled = tf.data.Dataset.counter().flat_map(lambda p: tf.data.Dataset.range(4).shuffle(4, seed=p))
+    assert "DummySeedGenerator" in stateful_ops(shuffled)
+
+
 def test_random_flip_mirrors_some_images(cfg):
     plain, flipped = (
         batches(data.make_dataset(dataclasses.replace(cfg, split="test[:64]", random_flip=f), 64,

@@ -1,9 +1,8 @@
 """tfds input pipelines: seeded, resumable (`start_batch`) and sharded per input pipeline.
 
 Every dataset yields {"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]}. The same
-config and seed give the same stream bit for bit, so a resumed run continues it exactly. Like every
-tf.data shuffle, the order also depends on TF's global seed: set `tf.random.set_seed` the same way
-(or not at all) in every run that must see the same stream.
+config and seed give the same stream bit for bit, so a resumed run continues it exactly. The order depends on
+that seed alone, not on TF's global seed.
 """
 
 import dataclasses
@@ -137,6 +136,41 @@ def num_classes(cfg):
     return _num_classes(_builder(cfg))
 
 
+def stateless_shuffle(ds, buffer_size, seed):
+    """`ds.shuffle(buffer_size, reshuffle_each_iteration=False)` in an order that is a pure function of `seed`
+    (int64 `[2]`, not both 0), with no stateful op.
+
+    Inside a dataset function (`flat_map`) `Dataset.shuffle` adds a stateful seed-generator op. Under
+    `tf.config.experimental.enable_op_determinism()`, as every trainer runs, tf.data answers a stateful op in any
+    dataset function by running every parallel map of the pipeline sequentially and by switching its prefetch
+    off. TF's first shuffle op takes both seeds as tensors and keeps no state.
+    """
+    specs = tf.nest.flatten(ds.element_spec)
+    variant = tf.raw_ops.ShuffleDataset(
+        input_dataset=tf.data.experimental.to_variant(ds), buffer_size=tf.constant(buffer_size, tf.int64),
+        seed=seed[0], seed2=seed[1], reshuffle_each_iteration=False,
+        output_types=[s.dtype for s in specs], output_shapes=[s.shape for s in specs])
+    return tf.data.experimental.from_variant(variant, ds.element_spec)
+
+
+def seeded_passes(ds, num_examples, first, seed, buffer_size=None, repeat=True):
+    """Passes over `ds` (`num_examples` elements) from element `first` on: element i of the stream is element
+    i % n of pass i // n. With `buffer_size`, pass p is shuffled by that many elements in an order that is a pure
+    function of (`seed` int64 `[2]`, p), so a resumed stream starts at its pass instead of replaying the ones
+    before it. `repeat=False`: the first pass only."""
+    n = num_examples
+
+    def one_pass(p):
+        if buffer_size is None:
+            return ds
+        pass_seed = tf.random.stateless_uniform(  # two full-range int64 drawn from (seed, p)
+            [2], tf.random.experimental.stateless_fold_in(seed, p), None, None, tf.int64)
+        return stateless_shuffle(ds, buffer_size, pass_seed)
+
+    passes = tf.data.Dataset.counter(first // n) if repeat else tf.data.Dataset.range(first // n, 1)
+    return passes.flat_map(one_pass).skip(first % n)
+
+
 def make_dataset(
     cfg, batch_size, seed, *, input_context=None, repeat=True, shuffle=True, start_batch=0
 ):
@@ -179,24 +213,9 @@ def make_dataset(
     n = int(ds.cardinality())
     if n <= 0:
         raise ValueError(f"Split {cfg.split!r} of {cfg.dataset} has no examples for this pipeline.")
-    # Element i of the stream is element i % n of pass i // n, whose order is a pure function of
-    # (seed, pipeline, pass): resuming starts at the right pass instead of replaying the stream.
     first = start_batch * batch_size
     base_seed = tf.constant([seed, pipeline_id], tf.int64)
-
-    def one_pass(p):
-        if not shuffle:
-            return ds
-        pass_seed = tf.random.stateless_uniform(  # A full-range int64 drawn from (seed, pipeline, p).
-            [], tf.random.experimental.stateless_fold_in(base_seed, p), None, None, tf.int64
-        )
-        # The stream depends on the seed alone, never on a global TF seed (under global seed 0 TF's shuffle
-        # cannot take a tensor seed at all): the pass is built as in a graph without one.
-        tf.compat.v1.get_default_graph().seed = None
-        return ds.shuffle(cfg.shuffle_buffer, seed=pass_seed, reshuffle_each_iteration=False)
-
-    passes = tf.data.Dataset.counter(first // n) if repeat else tf.data.Dataset.range(first // n, 1)
-    ds = passes.flat_map(one_pass).skip(first % n)
+    ds = seeded_passes(ds, n, first, base_seed, cfg.shuffle_buffer if shuffle else None, repeat)
     if cfg.random_flip:
 
         def flip(i, image, label):  # Element i's flip is a pure function of (seed, pipeline, i).
