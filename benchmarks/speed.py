@@ -52,21 +52,16 @@ MATMUL_N = 2048
 
 
 def median_seconds(fn, steps, warmup):
-    """Median wall seconds of `fn()` (its result fetched) over `steps` calls after `warmup` calls."""
-    import numpy as np
+    """Median wall seconds of `fn()` (every output fetched) over `steps` calls after `warmup` calls."""
+    from cud_tf import execution
     for _ in range(warmup):
-        np.asarray(tf_first(fn()))
+        execution.fetch(fn())
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        np.asarray(tf_first(fn()))
+        execution.fetch(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def tf_first(result):
-    import tensorflow as tf
-    return tf.nest.flatten(result)[0]
 
 
 def matmul_peak(dtype):
@@ -150,6 +145,8 @@ def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir="", spli
     """{img_per_s, seconds} of one train step of method `name` (median); with `split`, also its forward +
     backward alone (the step without the all-reduce and update)."""
     import tensorflow as tf
+
+    from cud_tf import execution
     method, order, enc = parse_method(name)
     model = build_model(net_cfg, method, order, enc, jit_compile)
     strategy = tf.distribute.get_strategy()
@@ -159,7 +156,7 @@ def time_train_step(net_cfg, name, batch, jit_compile=True, profile_dir="", spli
     if profile_dir:
         tf.profiler.experimental.start(profile_dir)
         for _ in range(3):
-            tf_first(step()).numpy()
+            execution.fetch(step())
         tf.profiler.experimental.stop()
     if split:
         grads = tf.function(lambda: model.losses_and_grads(batch, tf.constant(0, tf.int64), tf.constant(0), 1))

@@ -86,7 +86,7 @@ def cache_key(model, batch_shape) -> str:
     return digest(parts)
 
 
-def _fetch(result):
+def fetch(result):
     """Waits for every tensor of `result` (a nest), as a caller that uses them would."""
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
 
@@ -98,12 +98,12 @@ def interleaved_times(fns: dict, steps, warmup) -> dict:
     that going first or after a given function favours none."""
     for _ in range(warmup):
         for fn in fns.values():
-            _fetch(fn())
+            fetch(fn())
     times = {name: [] for name in fns}
     for r in range(steps):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             t0 = time.perf_counter()
-            _fetch(fns[name]())
+            fetch(fns[name]())
             times[name].append(time.perf_counter() - t0)
     return times
 
