@@ -194,8 +194,6 @@ def input_pipeline_rate(dcfg):
     """Images/s of the training input pipeline alone (decode, scale, shuffle, batch), without the trainers' op
     determinism (benchmarks/input_pipeline.py compares the two)."""
     from cud_tf import data
-    import tensorflow as tf
-    tf.random.set_seed(None)  # a global seed breaks tf.data shuffles seeded by a tensor (as in the trainer)
     it = iter(data.make_dataset(dcfg, FLAGS.batch_size, 0))
     for _ in range(5):
         next(it)
