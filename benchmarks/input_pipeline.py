@@ -53,23 +53,20 @@ def measure(determinism):
     it = iter(pipeline.make_dataset(common.data_config(), batch, FLAGS.seed))
     a = tf.random.stateless_normal([FLAGS.consumer_size] * 2, seed=[1, 2])
     consumer = tf.function(lambda a, x: tf.reduce_sum(tf.matmul(tf.matmul(a, a), a)) + tf.reduce_sum(x))
-    for _ in range(5):
-        consumer(a, next(it)["image"]).numpy()
-        consumer(a, a).numpy()
+
+    def seconds_per_batch(fn):
+        t = time.perf_counter()
+        for _ in range(FLAGS.batches):
+            fn().numpy()
+        return (time.perf_counter() - t) / FLAGS.batches
+
+    seconds_per_batch(lambda: consumer(a, next(it)["image"]))  # warm-up: tracing, the shuffle buffer, the cache
+    seconds_per_batch(lambda: consumer(a, a))
     out = dict(alone_img_per_s=[], fed_step_ms=[], consumer_ms=[])
     for _ in range(FLAGS.rounds):
-        t = time.perf_counter()
-        for _ in range(FLAGS.batches):
-            next(it)["image"].numpy()
-        out["alone_img_per_s"].append(FLAGS.batches * batch / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for _ in range(FLAGS.batches):
-            consumer(a, next(it)["image"]).numpy()
-        out["fed_step_ms"].append(1e3 * (time.perf_counter() - t) / FLAGS.batches)
-        t = time.perf_counter()
-        for _ in range(FLAGS.batches):
-            consumer(a, a).numpy()
-        out["consumer_ms"].append(1e3 * (time.perf_counter() - t) / FLAGS.batches)
+        out["alone_img_per_s"].append(batch / seconds_per_batch(lambda: next(it)["image"]))
+        out["fed_step_ms"].append(1e3 * seconds_per_batch(lambda: consumer(a, next(it)["image"])))
+        out["consumer_ms"].append(1e3 * seconds_per_batch(lambda: consumer(a, a)))
     return out
 
 
@@ -83,18 +80,20 @@ def main(argv):
         flagfile.write("\n".join(line for line in FLAGS.flags_into_string().splitlines()
                                  if not line.startswith(("--out=", "--worker=", "--flagfile="))))
     runs = {"on": [], "off": []}
-    for i in range(FLAGS.processes):
-        for setting in (("on", "off") if i % 2 == 0 else ("off", "on")):
-            cmd = [sys.executable, "-m", "benchmarks.input_pipeline", f"--flagfile={flagfile.name}",
-                   f"--worker={setting}"]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"the op determinism {setting} worker failed (exit {proc.returncode}): "
-                         f"{proc.stderr.strip().splitlines()[-1:] or 'no output'}")
-            runs[setting].append(json.loads(line[len("RESULT "):]))
-            print(f"process {setting}: done", file=sys.stderr, flush=True)
-    os.unlink(flagfile.name)
+    try:
+        for i in range(FLAGS.processes):
+            for setting in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                cmd = [sys.executable, "-m", "benchmarks.input_pipeline", f"--flagfile={flagfile.name}",
+                       f"--worker={setting}"]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.exit(f"the op determinism {setting} worker failed (exit {proc.returncode}): "
+                             f"{proc.stderr.strip().splitlines()[-1:] or 'no output'}")
+                runs[setting].append(json.loads(line[len("RESULT "):]))
+                print(f"process {setting}: done", file=sys.stderr, flush=True)
+    finally:
+        os.unlink(flagfile.name)
     result = dict(device=execution.device_name(), batch=FLAGS.global_batch_size, decode=FLAGS.decode,
                   dataset=FLAGS.dataset, random_flip=FLAGS.random_flip, consumer_size=FLAGS.consumer_size)
     for setting, procs in runs.items():

@@ -71,7 +71,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(FLAGS.calls):
-            forward(z).numpy()
+            execution.fetch(forward(z))
         tf.profiler.experimental.stop()
         totals, counts = op_times(logdir)
     if not totals:
